@@ -1,0 +1,43 @@
+"""Identifiers for rows we create.
+
+The seed's ids are ``VARCHAR(36)``. We write UUIDv7 strings (RFC 9562): time-ordered, so the
+``account_status_logs`` rows of one account sort in the order they were written even though
+``created_at`` only has one-second resolution. Within one process the sequence is strictly
+increasing (a counter in the random bits breaks ties inside one millisecond).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def uuid7() -> str:
+    """A new UUIDv7 as the canonical 36-character string, monotonic within this process."""
+    global _last_ms, _counter
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            # Same (or an earlier, after a clock step) millisecond: keep order with the counter.
+            ms = _last_ms
+            _counter += 1
+            if _counter > 0xFFF:
+                ms += 1
+                _counter = 0
+        else:
+            _counter = 0
+        _last_ms = ms
+        counter = _counter
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= counter << 64  # rand_a used as a 12-bit counter
+    value |= 0b10 << 62  # variant
+    value |= rand
+    return str(uuid.UUID(int=value))
