@@ -1,0 +1,286 @@
+"""The deadline heap, the runner that fires it, and the fake clock both are tested with."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from accountd.daemon.clock import FakeClock, SystemClock
+from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
+
+T0 = 1_700_000_000.0
+Due = list[tuple[str, str]]
+
+
+# -- the queue ----------------------------------------------------------------------------------
+
+
+def test_queue_pops_earliest_first_and_ties_in_insertion_order() -> None:
+    q = DeadlineQueue()
+    q.set("c", T0 + 3, "timeout")
+    q.set("a", T0 + 1, "timeout")
+    q.set("b2", T0 + 2, "recover")
+    q.set("b1", T0 + 2, "heartbeat")
+    assert len(q) == 4 and q.next_due() == T0 + 1
+    assert q.pop_due(T0 + 0.5) == []
+    assert q.pop_due(T0 + 2) == [("a", "timeout"), ("b2", "recover"), ("b1", "heartbeat")]
+    assert q.pop_due(T0 + 10) == [("c", "timeout")]
+    assert len(q) == 0 and q.next_due() is None
+
+
+def test_set_replaces_the_pending_deadline_of_an_account() -> None:
+    q = DeadlineQueue()
+    q.set("a", T0 + 10, "timeout")
+    q.set("a", T0 + 50, "recover")  # later: the old entry must not fire
+    assert len(q) == 1 and q.get("a") == (T0 + 50, "recover")
+    assert q.pop_due(T0 + 20) == []
+    assert q.next_due() == T0 + 50
+    q.set("a", T0 + 5, "fail")  # earlier
+    assert q.pop_due(T0 + 100) == [("a", "fail")]
+    assert q.pop_due(T0 + 100) == []
+
+
+def test_cancel_removes_the_deadline() -> None:
+    q = DeadlineQueue()
+    q.set("a", T0 + 1, "timeout")
+    q.set("b", T0 + 2, "timeout")
+    assert q.cancel("a") and not q.cancel("a") and not q.cancel("zzz")
+    assert "a" not in q and "b" in q and q.get("a") is None
+    assert q.next_due() == T0 + 2  # the stale head is skipped
+    assert q.pop_due(T0 + 10) == [("b", "timeout")]
+
+
+def test_pop_due_respects_the_limit() -> None:
+    q = DeadlineQueue()
+    for i in range(25):
+        q.set(f"a{i:02d}", T0 + i, "timeout")
+    batch = q.pop_due(T0 + 100, limit=10)
+    assert [a for a, _ in batch] == [f"a{i:02d}" for i in range(10)]
+    assert len(q) == 15
+
+
+def test_pop_due_cost_is_proportional_to_what_expires_not_to_accounts() -> None:
+    q = DeadlineQueue()
+    for i in range(100_000):
+        q.set(f"acc{i}", T0 + 3600 + i, "heartbeat")
+    for i in range(10):
+        q.set(f"soon{i}", T0 + i, "timeout")
+    before = q.heap_pops
+    due = q.pop_due(T0 + 60)
+    assert len(due) == 10
+    assert q.heap_pops - before == 10  # ten heap pops for ten due: the 100k are never touched
+    assert len(q) == 100_000
+
+
+def test_stale_entries_are_compacted_when_they_dominate() -> None:
+    q = DeadlineQueue()
+    n = 10_000
+    for round_ in range(10):  # every account rescheduled ten times
+        for i in range(n):
+            q.set(f"acc{i}", T0 + 1000 + round_ + i, "heartbeat")
+    assert len(q) == n
+    assert q.compactions > 0
+    assert q.heap_size <= 2 * n + 1
+    # Only the latest deadline of each account fires.
+    due = q.pop_due(T0 + 10**9, limit=10**6)
+    assert len(due) == n and len({a for a, _ in due}) == n
+
+
+def test_nan_deadline_is_rejected() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        DeadlineQueue().set("a", math.nan, "timeout")
+
+
+# -- the fake clock -----------------------------------------------------------------------------
+
+
+async def test_fake_clock_wakes_sleepers_in_deadline_order_at_their_times() -> None:
+    clock = FakeClock(T0)
+    woke: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append((name, clock.now()))
+
+    tasks = [asyncio.create_task(sleeper(n, s)) for n, s in [("c", 30), ("a", 10), ("b", 20)]]
+    await clock.settle()
+    assert clock.sleepers == 3 and clock.next_wake() == T0 + 10
+    await clock.advance(25)
+    assert woke == [("a", T0 + 10), ("b", T0 + 20)]
+    assert clock.now() == T0 + 25
+    await clock.advance(5)
+    assert woke[-1] == ("c", T0 + 30)
+    await asyncio.gather(*tasks)
+    with pytest.raises(ValueError):
+        await clock.advance(-1)
+
+
+async def test_system_clock_is_wall_time() -> None:
+    clock = SystemClock()
+    assert abs(clock.now() - time.time()) < 1
+    await clock.sleep(0)
+    await clock.sleep(-5)  # negative means "now", not an error
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """An on_due callback that records each batch with the (fake) time it was delivered."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls: list[tuple[float, Due]] = []
+
+    async def __call__(self, due: Due) -> None:
+        self.calls.append((self.clock.now(), due))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+async def runner(clock: FakeClock) -> AsyncIterator[tuple[DeadlineRunner, Recorder]]:
+    rec = Recorder(clock)
+    r = DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=1000)
+    await r.start()
+    await clock.settle()
+    try:
+        yield r, rec
+    finally:
+        await r.stop(grace=1.0)
+        assert not r.running
+
+
+async def test_runner_fires_each_deadline_at_its_time(
+    runner: tuple[DeadlineRunner, Recorder], clock: FakeClock
+) -> None:
+    r, rec = runner
+    r.set("a", T0 + 10, "timeout")
+    r.set("b", T0 + 20, "recover")
+    await clock.settle()
+    await clock.advance(9.9)
+    assert rec.calls == []
+    await clock.advance(0.1)
+    assert rec.calls == [(T0 + 10, [("a", "timeout")])]
+    await clock.advance(100)
+    assert rec.calls[1] == (T0 + 20, [("b", "recover")])
+    assert len(r.queue) == 0
+
+
+async def test_runner_wakes_early_when_an_earlier_deadline_is_set(
+    runner: tuple[DeadlineRunner, Recorder], clock: FakeClock
+) -> None:
+    r, rec = runner
+    r.set("late", T0 + 100, "timeout")
+    await clock.settle()
+    assert clock.next_wake() == T0 + 100
+    r.set("early", T0 + 5, "timeout")
+    await clock.settle()
+    assert clock.next_wake() == T0 + 5 and clock.sleepers == 1  # the old sleep was dropped
+    await clock.advance(5)
+    assert rec.calls == [(T0 + 5, [("early", "timeout")])]
+    await clock.advance(95)
+    assert rec.calls[-1] == (T0 + 100, [("late", "timeout")])
+
+
+async def test_runner_does_not_fire_cancelled_or_replaced_deadlines(
+    runner: tuple[DeadlineRunner, Recorder], clock: FakeClock
+) -> None:
+    r, rec = runner
+    r.set("a", T0 + 10, "timeout")
+    r.set("b", T0 + 10, "timeout")
+    r.set("c", T0 + 10, "timeout")
+    assert r.cancel("a")
+    r.set("b", T0 + 30, "recover")
+    await clock.advance(10)
+    assert rec.calls == [(T0 + 10, [("c", "timeout")])]
+    await clock.advance(20)
+    assert rec.calls[-1] == (T0 + 30, [("b", "recover")])
+
+
+async def test_runner_delivers_a_backlog_in_batches(clock: FakeClock) -> None:
+    rec = Recorder(clock)
+    r = DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=1000)
+    for i in range(2500):
+        r.set(f"acc{i}", T0 + 1 + i / 1000, "timeout")
+    clock.set(T0 + 10)  # e.g. a restart after downtime: everything is already overdue
+    await r.start()
+    try:
+        await clock.settle()
+    finally:
+        await r.stop(grace=1.0)
+    assert [len(due) for _, due in rec.calls] == [1000, 1000, 500]
+    assert r.batches == 3
+
+
+async def test_runner_logs_a_failing_batch_and_keeps_going(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[Due] = []
+
+    async def on_due(due: Due) -> None:
+        seen.append(due)
+        if due[0][0] == "bad":
+            raise RuntimeError("engine blew up")
+
+    r = DeadlineRunner(DeadlineQueue(), on_due, clock=clock)
+    r.set("bad", T0 + 1, "timeout")
+    r.set("good", T0 + 2, "timeout")
+    await r.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="accountd.daemon.deadlines"):
+            await clock.advance(5)
+    finally:
+        await r.stop(grace=1.0)
+    assert seen == [[("bad", "timeout")], [("good", "timeout")]]
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+async def test_stop_is_bounded_even_when_on_due_hangs(clock: FakeClock) -> None:
+    entered = asyncio.Event()
+
+    async def on_due(_due: Due) -> None:
+        entered.set()
+        await asyncio.Event().wait()  # never returns on its own
+
+    r = DeadlineRunner(DeadlineQueue(), on_due, clock=clock)
+    r.set("a", T0, "timeout")
+    await r.start()
+    await asyncio.wait_for(entered.wait(), timeout=5)
+    started = time.monotonic()
+    await r.stop(grace=0.05)
+    assert time.monotonic() - started < 1.0
+    assert not r.running
+
+
+async def test_stop_of_an_idle_runner_is_prompt_and_start_twice_is_refused(
+    clock: FakeClock,
+) -> None:
+    r = DeadlineRunner(DeadlineQueue(), Recorder(clock), clock=clock)
+    await r.stop()  # never started: nothing to do
+    await r.start()
+    with pytest.raises(RuntimeError):
+        await r.start()
+    await clock.settle()
+    started = time.monotonic()
+    await r.stop(grace=5.0)
+    assert time.monotonic() - started < 0.5
+    assert not r.running and clock.sleepers == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_runner_rejects_a_useless_batch_size(bad: int, clock: FakeClock) -> None:
+    make: Callable[[], DeadlineRunner] = lambda: DeadlineRunner(  # noqa: E731
+        DeadlineQueue(), Recorder(clock), clock=clock, batch_size=bad
+    )
+    with pytest.raises(ValueError):
+        make()
