@@ -1,0 +1,376 @@
+"""The ingest listener: workers push heartbeats and events here (docs/worker-protocol.md).
+
+Every batch is validated as a whole before anything reaches the sink, so a bad item never leaves
+half a batch applied: the worker fixes the batch and resends all of it. The heartbeat path is the
+hot one (≥100,000 items/s on two cores), so its loop touches each item only as much as parsing
+requires: one ``json.loads`` over the raw body, one shape check and one ``fromisoformat`` per
+timestamp, and two flat lists handed to the sink.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any, Final, NoReturn
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from accountd.daemon.protocol import WORKER_EVENTS, IngestSink, ItemResult, WorkerEvent
+from accountd.errors import AccountdError, Overloaded
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH: Final = 10_000
+DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+MAX_ACCOUNT_ID_CHARS: Final = 36  # wework_accounts.id is VARCHAR(36)
+# login_qr_code and error_message are TEXT columns: 65,535 bytes on MySQL/MariaDB.
+MAX_TEXT_BYTES: Final = 65_535
+
+# RFC 3339 ``date-time``: fromisoformat alone also takes ISO 8601 forms that RFC 3339 does not
+# (week dates, basic format, minutes-only times), so the shape is checked first. The regex only
+# checks the shape; fromisoformat then rejects impossible values (month 13, hour 24).
+_RFC3339: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+
+_APPLIED: Final = ItemResult.APPLIED
+
+
+class BatchRejected(AccountdError):
+    """A batch that fails validation: nothing of it reaches the sink; `status` is 400 or 413."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The one error body shape of the protocol: ``{"error": {"code", "message"}}``."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+def parse_rfc3339(value: object) -> datetime | None:
+    """An aware UTC datetime for an RFC 3339 timestamp with offset, else None."""
+    if type(value) is not str or _RFC3339.fullmatch(value) is None:
+        return None
+    if value[-1] == "z":  # RFC 3339 allows a lower-case zone designator; fromisoformat does not
+        value = value[:-1] + "Z"
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # 'Z' and '+00:00' parse straight to the UTC singleton: converting only the rest keeps the
+    # common case free of an extra datetime allocation.
+    return at if at.tzinfo is UTC else at.astimezone(UTC)
+
+
+def _reject(where: str, what: str) -> NoReturn:
+    raise BatchRejected(400, "invalid_request", f"{where}: {what}")
+
+
+def _check_account_id(value: object, where: str) -> str:
+    if type(value) is not str or not value or len(value) > MAX_ACCOUNT_ID_CHARS:
+        _reject(where, f"must be a non-empty string of at most {MAX_ACCOUNT_ID_CHARS} characters")
+    if not value.isascii():
+        _check_encodable(value, where)
+    return value
+
+
+def _check_encodable(value: str, where: str) -> None:
+    # JSON "\ud800" escapes decode to lone surrogates, which no database column can store.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _reject(where, "contains an unpaired UTF-16 surrogate")
+
+
+def _decode_body(body: bytes, key: str) -> list[Any]:
+    """The list under `key` of a JSON object body, or a 400."""
+    try:
+        # Decoding ourselves makes invalid UTF-8 an error: json.loads(bytes) would guess
+        # UTF-16/32 and accept lone surrogates ("surrogatepass").
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BatchRejected(
+            400, "malformed_json", f"body is not valid UTF-8: {exc.reason}"
+        ) from None
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays; ValueError covers JSONDecodeError and the
+        # int-digits limit. Neither may become a 500.
+        raise BatchRejected(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise BatchRejected(
+            400, "invalid_request", f'body must be a JSON object {{"{key}": [...]}}'
+        )
+    items = doc.get(key)
+    if type(items) is not list:
+        raise BatchRejected(400, "invalid_request", f"{key}: must be an array")
+    return items
+
+
+def validate_heartbeats(body: bytes, max_batch: int) -> tuple[list[str], list[datetime]]:
+    """Parse a heartbeat batch into parallel (account_ids, ats) lists, or raise a 400."""
+    items = _decode_body(body, "heartbeats")
+    if len(items) > max_batch:
+        raise BatchRejected(
+            413,
+            "payload_too_large",
+            f"heartbeats: {len(items)} items, at most {max_batch} per batch",
+        )
+    ids: list[str] = []
+    ats: list[datetime] = []
+    add_id = ids.append
+    add_at = ats.append
+    match = _RFC3339.fullmatch
+    fromiso = datetime.fromisoformat
+    for i, item in enumerate(items):
+        # The common case is inlined (no helper calls); anything unusual takes the slow path.
+        if type(item) is not dict:
+            _reject(f"heartbeats[{i}]", "must be an object")
+        aid = item.get("account_id")
+        if type(aid) is not str or not aid or len(aid) > MAX_ACCOUNT_ID_CHARS or not aid.isascii():
+            aid = _check_account_id(aid, f"heartbeats[{i}].account_id")
+        raw = item.get("at")
+        if type(raw) is str and raw[-1:] == "Z" and match(raw) is not None:
+            try:
+                at = fromiso(raw)
+            except ValueError:
+                _reject(f"heartbeats[{i}].at", "not a valid date-time")
+        else:
+            parsed = parse_rfc3339(raw)
+            if parsed is None:
+                _reject(f"heartbeats[{i}].at", "must be an RFC 3339 timestamp with offset")
+            at = parsed
+        add_id(aid)
+        add_at(at)
+    return ids, ats
+
+
+def _check_event_data(event: str, data: dict[str, Any], where: str) -> None:
+    # The fields the engine stores are checked here so that a bad one is the worker's 400, not
+    # a database error later (login_qr_code and error_message are TEXT columns).
+    if event == "qr_ready":
+        qr = data.get("qr_code")
+        if type(qr) is not str or not qr:
+            _reject(f"{where}.data.qr_code", "qr_ready needs a non-empty string")
+    elif event == "fail" and "error" in data and type(data["error"]) is not str:
+        _reject(f"{where}.data.error", "must be a string")
+    try:
+        encoded = json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        _reject(f"{where}.data", "contains an unpaired UTF-16 surrogate")
+    if len(encoded) > MAX_TEXT_BYTES:
+        _reject(f"{where}.data", f"larger than {MAX_TEXT_BYTES} bytes once encoded")
+
+
+def validate_events(body: bytes, max_batch: int) -> list[WorkerEvent]:
+    """Parse an event batch, or raise a 400."""
+    items = _decode_body(body, "events")
+    if len(items) > max_batch:
+        raise BatchRejected(
+            413, "payload_too_large", f"events: {len(items)} items, at most {max_batch} per batch"
+        )
+    events: list[WorkerEvent] = []
+    for i, item in enumerate(items):
+        where = f"events[{i}]"
+        if type(item) is not dict:
+            _reject(where, "must be an object")
+        aid = _check_account_id(item.get("account_id"), f"{where}.account_id")
+        event = item.get("event")
+        if type(event) is not str or event not in WORKER_EVENTS:
+            _reject(f"{where}.event", f"must be one of {', '.join(sorted(WORKER_EVENTS))}")
+        data = item.get("data", {})
+        if type(data) is not dict:
+            _reject(f"{where}.data", "must be an object")
+        _check_event_data(event, data, where)
+        at = parse_rfc3339(item.get("at"))
+        if at is None:
+            _reject(f"{where}.at", "must be an RFC 3339 timestamp with offset")
+        events.append(WorkerEvent(account_id=aid, event=event, data=data, at=at))
+    return events
+
+
+def _results_response(results: list[ItemResult], expected: int) -> web.Response:
+    if len(results) != expected:
+        # A sink bug, not bad input: misaligned results would tell the worker lies.
+        raise RuntimeError(f"sink returned {len(results)} results for {expected} items")
+    applied = results.count(_APPLIED)
+    # ItemResult is a StrEnum, so json.dumps writes the plain strings.
+    return web.json_response({"results": results, "applied": applied})
+
+
+def _overloaded(exc: Overloaded) -> web.Response:
+    # Retry-After is delta-seconds, an integer: round up so the worker never comes back early.
+    seconds = max(1, math.ceil(exc.retry_after))
+    return error_response(
+        503, "overloaded", exc.reason or "overloaded", headers={"Retry-After": str(seconds)}
+    )
+
+
+_HTTP_CODES: Final = {
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "method not allowed on this endpoint"),
+    413: ("payload_too_large", "request body too large"),
+}
+
+
+def json_errors_middleware(max_body_bytes: int) -> Middleware:
+    """Turn aiohttp's own HTTP errors (404, 405, 413, ...) into the protocol's JSON errors.
+
+    This is the boundary of the listener: an unexpected exception is logged once with its
+    traceback and becomes a JSON 500, so a worker always gets a parseable reply.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+            if exc.status == 413:
+                message = f"request body larger than {max_body_bytes} bytes"
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            return error_response(exc.status, code, message, headers=headers)
+        except Exception:
+            log.exception("HTTP request failed: %s %s", request.method, request.path)
+            return error_response(500, "internal_error", "internal error; see the daemon's log")
+
+    return middleware
+
+
+def make_ingest_app(
+    sink: IngestSink,
+    *,
+    token: str,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> web.Application:
+    """The ingest application: ``POST /v1/heartbeats``, ``POST /v1/events``, ``GET /healthz``."""
+    if not token:
+        raise ValueError("the ingest token must not be empty")
+    if max_batch < 1 or max_body_bytes < 1:
+        raise ValueError("max_batch and max_body_bytes must be positive")
+    expected = token.encode("utf-8")
+
+    def authorized(request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # Bytes, not str: compare_digest refuses non-ASCII str, and a header may hold any byte.
+        given = credentials.strip().encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, expected)
+
+    async def read_body(request: web.Request) -> bytes:
+        # Refuse a declared oversize body before reading it; chunked bodies are cut off by
+        # client_max_size inside request.read() (raising HTTPRequestEntityTooLarge).
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_body_bytes, request.content_length)
+        return await request.read()
+
+    def unauthorized() -> web.Response:
+        return error_response(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="accountd-ingest"'},
+        )
+
+    async def heartbeats(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return unauthorized()
+        body = await read_body(request)
+        try:
+            ids, ats = validate_heartbeats(body, max_batch)
+        except BatchRejected as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        try:
+            results = sink.record_heartbeats(ids, ats)
+        except Overloaded as exc:
+            return _overloaded(exc)
+        return _results_response(results, len(ids))
+
+    async def events(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return unauthorized()
+        body = await read_body(request)
+        try:
+            batch = validate_events(body, max_batch)
+        except BatchRejected as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        try:
+            results = await sink.apply_events(batch)
+        except Overloaded as exc:
+            return _overloaded(exc)
+        return _results_response(results, len(batch))
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[json_errors_middleware(max_body_bytes)]
+    )
+    app.router.add_post("/v1/heartbeats", heartbeats)
+    app.router.add_post("/v1/events", events)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+class IngestServer:
+    """Runs an ingest application on a TCP listener (loopback by default)."""
+
+    def __init__(self, app: web.Application, *, shutdown_timeout: float = 5.0) -> None:
+        self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8470) -> int:
+        """Bind and serve; returns the bound port (useful with ``port=0``)."""
+        if self._runner is not None:
+            raise RuntimeError("ingest server already started")
+        # access_log=None: at thousands of batches a minute the access log is pure cost; the
+        # metrics carry the counts.
+        runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        return bound_port(runner)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the shutdown timeout, close."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """The TCP port the runner's first site listens on."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("runner has no TCP address")
