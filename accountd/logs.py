@@ -35,7 +35,7 @@ _secrets: set[str] = set()
 _secret_pattern: re.Pattern[str] | None = None
 # Marks the handler we install, so a second setup_logging (SIGHUP reload) replaces it.
 _HANDLER_NAME = "accountd"
-_CHATTY = ("aiohttp.access", "apscheduler", "alembic.runtime.plugins")
+_CHATTY = ("aiohttp.access", "apscheduler", "alembic")
 # Values the renderers print as they are; anything else is turned into (redacted) text.
 _PRIMITIVES = (str, int, float, bool, type(None))
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_ingest import TOKEN, DictSink
 
 from accountd.adapters.worker import WorkerClient
 from accountd.daemon.ingest import IngestServer, make_ingest_app
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.daemon.simulator_sessions import Phase, SessionTable, SimulatorConfig
 from accountd.errors import Overloaded, WorkerRejected, WorkerTransient
+from tests.test_ingest import TOKEN, DictSink
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIN = ["qr_ready", "qr_scanned", "confirmed", "verified"]

@@ -1,0 +1,1 @@
+"""Adapters to the outside world: databases, schema, migrations, the worker HTTP client."""

@@ -1,0 +1,156 @@
+"""Engines for the three seed databases.
+
+One `AsyncEngine` per database (``core``, ``platform``, ``analytics``), built from a SQLAlchemy URL.
+Every connection runs in UTC: MySQL/MariaDB ``TIMESTAMP`` values are converted through the session
+time zone, so we pin it to ``+00:00`` and store naive UTC datetimes everywhere. SQLite gets WAL,
+foreign keys and a busy timeout, which is what makes it a fair embedded default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from accountd.errors import DatabaseUnavailable
+
+DATABASE_KEYS: tuple[str, ...] = ("core", "platform", "analytics")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Connection pool sizing (ignored for SQLite, which uses one connection per file)."""
+
+    size: int = 10
+    max_overflow: int = 10
+    timeout: float = 10.0
+    recycle: float = 3600.0
+    connect_timeout: float = 5.0
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with its password masked: the only form a URL may take in logs and errors."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def is_sqlite(url: str | URL) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # aiosqlite's adapter exposes a sync-looking cursor; these pragmas are per connection.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str | URL, pool: PoolSettings | None = None) -> AsyncEngine:
+    """Build the async engine for one database URL."""
+    pool = pool or PoolSettings()
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        if u.database and u.database != ":memory:":
+            from pathlib import Path
+
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(u, pool_pre_ping=False)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        return engine
+    if backend == "mysql":
+        connect_args: dict[str, Any] = {
+            # UTC for TIMESTAMP conversion; strict mode so a bad ENUM value is an error, not ''.
+            "init_command": (
+                "SET time_zone = '+00:00', "
+                "sql_mode = CONCAT(@@sql_mode, ',STRICT_TRANS_TABLES')"
+            ),
+            "connect_timeout": pool.connect_timeout,
+            "charset": "utf8mb4",
+        }
+        return create_async_engine(
+            u,
+            pool_size=pool.size,
+            max_overflow=pool.max_overflow,
+            pool_timeout=pool.timeout,
+            pool_recycle=int(pool.recycle),
+            pool_pre_ping=True,
+            connect_args=connect_args,
+        )
+    raise ValueError(f"unsupported database backend {backend!r} in {safe_url(u)}")
+
+
+class Databases:
+    """The three engines, opened together and disposed together."""
+
+    def __init__(self, urls: Mapping[str, str | URL], pool: PoolSettings | None = None) -> None:
+        missing = [k for k in DATABASE_KEYS if k not in urls]
+        if missing:
+            raise ValueError(f"missing database URL(s): {', '.join(missing)}")
+        self.urls = {k: make_url(urls[k]) for k in DATABASE_KEYS}
+        self.engines: dict[str, AsyncEngine] = {
+            k: make_engine(self.urls[k], pool) for k in DATABASE_KEYS
+        }
+
+    @property
+    def core(self) -> AsyncEngine:
+        return self.engines["core"]
+
+    @property
+    def platform(self) -> AsyncEngine:
+        return self.engines["platform"]
+
+    @property
+    def analytics(self) -> AsyncEngine:
+        return self.engines["analytics"]
+
+    def dialect(self, key: str) -> str:
+        return self.engines[key].dialect.name
+
+    async def ping(self, key: str) -> None:
+        """Run ``SELECT 1``; raise `DatabaseUnavailable` with a password-free message."""
+        await ensure_reachable(key, self.engines[key])
+
+    async def check_all(self) -> None:
+        for key in DATABASE_KEYS:
+            await self.ping(key)
+
+    async def dispose(self) -> None:
+        for engine in self.engines.values():
+            await engine.dispose()
+
+
+async def ensure_reachable(key: str, engine: AsyncEngine) -> None:
+    """``SELECT 1`` on ``engine``; a failure becomes `DatabaseUnavailable` naming ``key``."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except (OperationalError, DBAPIError, OSError) as exc:
+        raise DatabaseUnavailable(key, _describe(exc, engine.url)) from exc
+
+
+def _describe(exc: BaseException, url: URL) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    detail = str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+    if url.password:
+        detail = detail.replace(str(url.password), "***")
+    return f"{safe_url(url)}: {detail}"
+
+
+@contextlib.asynccontextmanager
+async def open_databases(
+    urls: Mapping[str, str | URL], pool: PoolSettings | None = None
+) -> AsyncIterator[Databases]:
+    dbs = Databases(urls, pool)
+    try:
+        yield dbs
+    finally:
+        await dbs.dispose()
