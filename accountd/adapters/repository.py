@@ -1,0 +1,473 @@
+"""The account repository: every read and write the engine makes to ``wework_platform``.
+
+The central promise lives in `AccountRepository.apply_transitions`: a status change is a
+compare-and-set ``UPDATE wework_accounts … WHERE id=? AND status=?`` plus one
+``account_status_logs`` row plus the daemon's ``accountd_supervision`` row, all in ONE
+transaction. A lost compare-and-set is reported as a `Conflict` carrying the status found, never
+as an exception. Many transitions are committed together (set-based: one locking SELECT, one
+``UPDATE … WHERE id IN (…)`` per distinct change, one multi-row INSERT of log rows), and each
+account keeps the all-or-nothing guarantee because its three writes share the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects import mysql as mysql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from accountd.adapters.schema import account_status_logs, accountd_supervision, wework_accounts
+from accountd.ids import uuid7
+
+# Columns of wework_accounts the engine may set along with a status change (BRIEF §3:
+# qr_ready stores login_qr_code, verified clears it and error_message, fail records the error).
+TRANSITION_FIELDS = frozenset({"login_qr_code", "error_message"})
+
+SUPERVISION_FIELDS = (
+    "status",
+    "entered_at",
+    "attempts",
+    "qr_refreshes",
+    "next_action",
+    "next_action_at",
+    "online_since",
+    "offline_history",
+    "paused",
+    "paused_reason",
+    "last_log_id",
+    "epoch",
+)
+
+# The chunk size for ``IN (…)`` lists and multi-row inserts: large enough to amortise round trips,
+# small enough to stay far below max_allowed_packet and SQLite's variable limit (32766).
+CHUNK = 1000
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, the form every timestamp takes in our databases."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def to_db_time(ts: float | None) -> dt.datetime | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
+
+
+def from_db_time(value: dt.datetime | None) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRequest:
+    """One status change to commit: the compare-and-set, its log row and supervision state."""
+
+    account_id: str
+    expected_status: str
+    new_status: str
+    reason: str
+    error_details: str | None = None
+    operator_id: str | None = None
+    # Extra wework_accounts columns to set with the status (keys from TRANSITION_FIELDS).
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    # The accountd_supervision row after the change (keys from SUPERVISION_FIELDS); None = leave.
+    supervision: Mapping[str, Any] | None = None
+    log_id: str = field(default_factory=uuid7)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.fields) - TRANSITION_FIELDS
+        if unknown:
+            raise ValueError(f"fields not settable with a transition: {sorted(unknown)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    account_id: str
+    log_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """The compare-and-set lost: the row's status is ``found`` (None: the row is gone)."""
+
+    account_id: str
+    expected: str
+    found: str | None
+
+
+Outcome = Applied | Conflict
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """What the engine loads per account: the row's status plus our supervision state."""
+
+    id: str
+    tenant_id: str
+    wework_guid: str
+    status: str
+    last_heartbeat_at: float | None
+    supervision: Mapping[str, Any] | None  # None: the daemon has not seen this account yet
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What the worker needs to open a session (never includes wework_secret)."""
+
+    account_id: str
+    wework_guid: str
+    corp_id: str | None
+    device_info: Any
+    proxy_config: Any
+
+
+class AccountRepository:
+    """Reads and writes of accounts, status logs and supervision state on one engine."""
+
+    def __init__(self, engine: AsyncEngine, *, chunk: int = CHUNK) -> None:
+        self.engine = engine
+        self.chunk = chunk
+        self.dialect = engine.dialect.name
+        # A hook for tests that must prove atomicity: called inside the transaction, between the
+        # status UPDATE and the log INSERT. Raising there must leave neither write behind.
+        self.between_statements: Callable[[], None] | None = None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _account_select(self) -> Any:
+        a, s = wework_accounts, accountd_supervision
+        return select(
+            a.c.id,
+            a.c.tenant_id,
+            a.c.wework_guid,
+            a.c.status,
+            a.c.last_heartbeat_at,
+            *(s.c[name].label(f"s_{name}") for name in SUPERVISION_FIELDS),
+            s.c.account_id.label("s_account_id"),
+        ).select_from(a.outerjoin(s, s.c.account_id == a.c.id))
+
+    @staticmethod
+    def _row(row: Row[Any]) -> AccountRow:
+        m = row._mapping
+        sup: dict[str, Any] | None = None
+        if m["s_account_id"] is not None:
+            sup = {name: m[f"s_{name}"] for name in SUPERVISION_FIELDS}
+        return AccountRow(
+            id=m["id"],
+            tenant_id=m["tenant_id"],
+            wework_guid=m["wework_guid"],
+            status=m["status"],
+            last_heartbeat_at=from_db_time(m["last_heartbeat_at"]),
+            supervision=sup,
+        )
+
+    async def iter_accounts(self, page_size: int = 5000) -> AsyncIterator[list[AccountRow]]:
+        """All accounts in pages, keyset-paginated by id (no OFFSET: O(n) overall)."""
+        after = ""
+        while True:
+            stmt = (
+                self._account_select()
+                .where(wework_accounts.c.id > after)
+                .order_by(wework_accounts.c.id)
+                .limit(page_size)
+            )
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+            if not rows:
+                return
+            page = [self._row(r) for r in rows]
+            yield page
+            after = page[-1].id
+
+    async def get_accounts(self, ids: Sequence[str]) -> dict[str, AccountRow]:
+        out: dict[str, AccountRow] = {}
+        async with self.engine.connect() as conn:
+            for chunk in _chunks(ids, self.chunk):
+                stmt = self._account_select().where(wework_accounts.c.id.in_(chunk))
+                for r in (await conn.execute(stmt)).all():
+                    row = self._row(r)
+                    out[row.id] = row
+        return out
+
+    async def find_created(self, limit: int = 10_000) -> list[AccountRow]:
+        """Rows in ``created`` (new accounts inserted by other services); uses idx_status."""
+        stmt = (
+            self._account_select()
+            .where(wework_accounts.c.status == "created")
+            .order_by(wework_accounts.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [self._row(r) for r in (await conn.execute(stmt)).all()]
+
+    async def heartbeats_since(
+        self, since: dt.datetime, limit: int = 100_000
+    ) -> list[tuple[str, float]]:
+        """(id, last_heartbeat_at) written at or after ``since``; uses idx_last_heartbeat."""
+        a = wework_accounts
+        stmt = (
+            select(a.c.id, a.c.last_heartbeat_at)
+            .where(a.c.last_heartbeat_at >= since)
+            .order_by(a.c.last_heartbeat_at)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [(r[0], from_db_time(r[1]) or 0.0) for r in rows]
+
+    async def all_ids(self, page_size: int = 50_000) -> AsyncIterator[list[str]]:
+        """Every account id, in pages (used to notice rows deleted by other services)."""
+        after = ""
+        a = wework_accounts
+        while True:
+            stmt = select(a.c.id).where(a.c.id > after).order_by(a.c.id).limit(page_size)
+            async with self.engine.connect() as conn:
+                ids = [r[0] for r in (await conn.execute(stmt)).all()]
+            if not ids:
+                return
+            yield ids
+            after = ids[-1]
+
+    async def session_info(self, account_id: str) -> SessionInfo | None:
+        a = wework_accounts
+        stmt = select(
+            a.c.id, a.c.wework_guid, a.c.wework_corp_id, a.c.device_info, a.c.proxy_config
+        ).where(a.c.id == account_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            return None
+        return SessionInfo(row[0], row[1], row[2], row[3], row[4])
+
+    async def history(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` log rows of one account, oldest first."""
+        lg = account_status_logs
+        stmt = select(lg).where(lg.c.account_id == account_id).order_by(lg.c.id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [dict(r._mapping) for r in reversed(rows)]
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def apply_transition(
+        self,
+        account_id: str,
+        expected_status: str,
+        new_status: str,
+        reason: str,
+        error_details: str | None = None,
+        operator_id: str | None = None,
+        *,
+        fields: Mapping[str, Any] | None = None,
+        supervision: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """One compare-and-set transition with its log row, in one transaction."""
+        req = TransitionRequest(
+            account_id,
+            expected_status,
+            new_status,
+            reason,
+            error_details,
+            operator_id,
+            fields=dict(fields or {}),
+            supervision=supervision,
+        )
+        return (await self.apply_transitions([req]))[0]
+
+    async def apply_transitions(self, requests: Sequence[TransitionRequest]) -> list[Outcome]:
+        """Commit many transitions in one transaction; results align with ``requests``.
+
+        At most one request per account (the caller's one door guarantees that).
+        """
+        if not requests:
+            return []
+        ids = [r.account_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("apply_transitions: one request per account per batch")
+        async with self.engine.begin() as conn:
+            found = await self._lock_statuses(conn, ids)
+            winners = [r for r in requests if found.get(r.account_id) == r.expected_status]
+            if winners:
+                await self._update_statuses(conn, winners)
+                if self.between_statements is not None:
+                    self.between_statements()
+                await self._insert_logs(conn, winners)
+                await self._upsert_supervision(
+                    conn, [r for r in winners if r.supervision is not None]
+                )
+        won = {r.account_id for r in winners}
+        return [
+            Applied(r.account_id, r.log_id)
+            if r.account_id in won
+            else Conflict(r.account_id, r.expected_status, found.get(r.account_id))
+            for r in requests
+        ]
+
+    async def _lock_statuses(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
+        a = wework_accounts
+        found: dict[str, str] = {}
+        for chunk in _chunks(ids, self.chunk):
+            # FOR UPDATE takes the row locks on MySQL; SQLite ignores it and serialises writers.
+            stmt = select(a.c.id, a.c.status).where(a.c.id.in_(chunk)).with_for_update()
+            for row in (await conn.execute(stmt)).all():
+                found[row[0]] = row[1]
+        return found
+
+    async def _update_statuses(
+        self, conn: AsyncConnection, winners: Sequence[TransitionRequest]
+    ) -> None:
+        a = wework_accounts
+        groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+        for r in winners:
+            key = (r.expected_status, r.new_status, tuple(sorted(r.fields.items())))
+            groups[key].append(r.account_id)
+        for (expected, new, extra), ids in groups.items():
+            for chunk in _chunks(ids, self.chunk):
+                stmt = (
+                    update(a)
+                    .where(a.c.id.in_(chunk), a.c.status == expected)
+                    .values(status=new, **dict(extra))
+                )
+                result = await conn.execute(stmt)
+                if result.rowcount != len(chunk):
+                    # The locking SELECT saw these rows in `expected`; anything else means a
+                    # concurrent writer slipped in (possible only without row locks). Abort the
+                    # whole transaction rather than commit a status without its log row.
+                    raise ConcurrentWrite(
+                        f"compare-and-set matched {result.rowcount} of {len(chunk)} rows"
+                    )
+
+    async def _insert_logs(
+        self, conn: AsyncConnection, winners: Sequence[TransitionRequest]
+    ) -> None:
+        rows = [
+            {
+                "id": r.log_id,
+                "account_id": r.account_id,
+                "old_status": r.expected_status,
+                "new_status": r.new_status,
+                "change_reason": _clip(r.reason, 255),
+                "error_details": r.error_details,
+                "operator_id": r.operator_id,
+            }
+            for r in winners
+        ]
+        for chunk in _chunks(rows, self.chunk):
+            await conn.execute(account_status_logs.insert(), chunk)
+
+    async def _upsert_supervision(
+        self, conn: AsyncConnection, requests: Sequence[TransitionRequest]
+    ) -> None:
+        if not requests:
+            return
+        now = utcnow()
+        rows = []
+        for r in requests:
+            assert r.supervision is not None
+            row = {name: r.supervision.get(name) for name in SUPERVISION_FIELDS}
+            row["account_id"] = r.account_id
+            row["status"] = r.new_status
+            row["last_log_id"] = r.log_id
+            row["entered_at"] = row["entered_at"] or now
+            row["offline_history"] = row["offline_history"] or []
+            row["attempts"] = row["attempts"] or 0
+            row["qr_refreshes"] = row["qr_refreshes"] or 0
+            row["paused"] = bool(row["paused"])
+            row["epoch"] = row["epoch"] or 0
+            row["updated_at"] = now
+            rows.append(row)
+        await self.upsert_supervision_rows(conn, rows)
+
+    async def upsert_supervision_rows(
+        self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Insert-or-update ``accountd_supervision`` rows (complete rows, all columns)."""
+        s = accountd_supervision
+        cols = [c for c in rows[0] if c != "account_id"]
+        if self.dialect == "mysql":
+            my = mysql_dialect.insert(s)
+            stmt: Any = my.on_duplicate_key_update({c: my.inserted[c] for c in cols})
+        else:
+            sq = sqlite_dialect.insert(s)
+            stmt = sq.on_conflict_do_update(
+                index_elements=[s.c.account_id], set_={c: sq.excluded[c] for c in cols}
+            )
+        for chunk in _chunks(list(rows), self.chunk):
+            await conn.execute(stmt, chunk)
+
+    async def save_supervision(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Persist supervision state that changed without a status change (e.g. pause)."""
+        if rows:
+            async with self.engine.begin() as conn:
+                await self.upsert_supervision_rows(conn, rows)
+
+    async def write_heartbeats(self, beats: Mapping[str, float]) -> int:
+        """Batched ``last_heartbeat_at`` write: at most one write per account.
+
+        Timestamps are grouped by whole second (the column's resolution), so a flush of N
+        accounts costs a handful of ``UPDATE … WHERE id IN (…)`` statements, not N. A newer
+        value already in the row (another service writes there too) is never moved back.
+        """
+        if not beats:
+            return 0
+        by_second: dict[dt.datetime, list[str]] = defaultdict(list)
+        for account_id, ts in beats.items():
+            by_second[to_db_time(int(ts)) or utcnow()].append(account_id)
+        a = wework_accounts
+        written = 0
+        async with self.engine.begin() as conn:
+            for when, ids in by_second.items():
+                for chunk in _chunks(ids, self.chunk):
+                    stmt = (
+                        update(a)
+                        .where(
+                            a.c.id.in_(chunk),
+                            or_(a.c.last_heartbeat_at.is_(None), a.c.last_heartbeat_at < when),
+                        )
+                        .values(last_heartbeat_at=when)
+                    )
+                    written += (await conn.execute(stmt)).rowcount
+        return written
+
+    async def count_by_status(self) -> dict[str, int]:
+        a = wework_accounts
+        stmt = select(a.c.status, func.count()).group_by(a.c.status)
+        async with self.engine.connect() as conn:
+            return {r[0]: int(r[1]) for r in (await conn.execute(stmt)).all()}
+
+
+class ConcurrentWrite(RuntimeError):
+    """A compare-and-set lost after the rows were read: the batch is rolled back whole."""
+
+
+def _chunks(items: Sequence[Any] | Iterable[Any], size: int) -> Iterable[list[Any]]:
+    seq = list(items) if not isinstance(items, list) else items
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+__all__ = [
+    "AccountRepository",
+    "AccountRow",
+    "Applied",
+    "ConcurrentWrite",
+    "Conflict",
+    "Outcome",
+    "SessionInfo",
+    "TransitionRequest",
+]

@@ -1,0 +1,330 @@
+"""The daemon process: lifecycle, signals and periodic jobs.
+
+`Daemon.run` builds every service inside one `contextlib.AsyncExitStack`, each registering its own
+cleanup, so shutdown is the exact reverse of start-up: ingest stops taking input first, the
+scheduler stops, the supervisor finishes in-flight transitions and flushes heartbeats, the worker
+client closes, the lease is released, the engines are disposed. Signals have one owner (this
+module); handlers only set flags. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from accountd.adapters import migrate
+from accountd.adapters.db import Databases
+from accountd.adapters.repository import AccountRepository
+from accountd.adapters.worker import WorkerClient
+from accountd.daemon.clock import Clock, SystemClock
+from accountd.daemon.ingest import IngestServer, make_ingest_app
+from accountd.daemon.lease import Lease, LeaseHeld, LeaseLost
+from accountd.daemon.policy import PolicyConfig
+from accountd.daemon.supervisor import Supervisor
+from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
+from accountd.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def policy_config(settings: Settings) -> PolicyConfig:
+    """The policy numbers from the config sections (BRIEF §3 defaults live in settings)."""
+    d, r = settings.deadlines, settings.recovery
+    return PolicyConfig(
+        heartbeat_timeout=settings.heartbeat.timeout,
+        deadlines={
+            "initializing": d.initializing,
+            "waiting_qr": d.waiting_qr,
+            "waiting_confirm": d.waiting_confirm,
+            "verifying": d.verifying,
+            "recovering": d.recovering,
+        },
+        qr_max_refreshes=d.qr_max_refreshes,
+        base=r.base,
+        cap=r.cap,
+        max_attempts=r.max_attempts,
+        reset_after=r.reset_after,
+        error_retry_after=r.error_retry_after,
+        max_in_flight=r.max_in_flight,
+        start_rate=r.start_rate,
+        flap_count=r.flap_count,
+        flap_window=r.flap_window,
+        mass_offline_ratio=r.mass_offline_ratio,
+        mass_offline_window=r.mass_offline_window,
+        mass_offline_cooldown=r.mass_offline_cooldown,
+    )
+
+
+# Settings that can change on SIGHUP without a restart. Everything else is reported and kept.
+LIVE_SECTIONS = ("heartbeat", "deadlines", "recovery", "logging")
+
+
+class Daemon:
+    """One accountd process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        config_path: Path | None = None,
+        on_ready: Callable[[Daemon], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.config_path = config_path if config_path is not None else settings.source_path
+        self.on_ready = on_ready
+        self.supervisor: Supervisor | None = None
+        self.databases: Databases | None = None
+        self.ingest_port: int | None = None
+        self.ready = False
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._sigint_count = 0
+        self._job_tasks: set[asyncio.Task[Any]] = set()
+
+    # ---------------------------------------------------------------- control
+
+    def request_stop(self, code: int = 0) -> None:
+        if code and not self.exit_code:
+            self.exit_code = code
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            log.warning("second interrupt: exiting now without a clean shutdown")
+            os._exit(130)
+        log.info("interrupt: shutting down (press Ctrl-C again to force)")
+        self.request_stop()
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            installed = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._start(stack)
+                await self._main_loop()
+                log.info("shutting down")
+        except (LeaseHeld, DatabaseUnavailable, ConfigError) as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        return self.exit_code
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        dbs = Databases(s.database_urls(), s.pool())
+        stack.push_async_callback(dbs.dispose)
+        self.databases = dbs
+        await dbs.check_all()
+        await self._check_schema()
+
+        lease = Lease(dbs.platform)
+        await lease.acquire()
+        stack.push_async_callback(lease.release)
+
+        worker = await stack.enter_async_context(
+            WorkerClient(
+                s.worker.url, timeout=s.worker.timeout, max_connections=s.worker.max_connections
+            )
+        )
+        sup = Supervisor(
+            AccountRepository(dbs.platform),
+            worker,
+            policy_config(s),
+            self.clock,
+            rng=random.Random(),
+            batch_size=s.supervisor.transition_batch,
+            page_size=s.supervisor.load_page_size,
+            persist_interval=s.heartbeat.persist_interval,
+            startup_grace=s.heartbeat.startup_grace,
+        )
+        self.supervisor = sup
+        await sup.load()
+        await sup.start()
+        stack.push_async_callback(sup.stop, s.supervisor.shutdown_timeout)
+
+        scheduler = self._scheduler(sup, lease)
+        scheduler.start()
+        stack.push_async_callback(self._stop_scheduler, scheduler)
+
+        assert s.ingest.token is not None  # require_runnable() checked it
+        ingest = IngestServer(
+            make_ingest_app(
+                sup,
+                token=s.ingest.token.get_secret_value(),
+                max_batch=s.ingest.max_batch,
+                max_body_bytes=s.ingest.max_body_bytes,
+            )
+        )
+        self.ingest_port = await ingest.start(s.ingest.host, s.ingest.port)
+        stack.push_async_callback(ingest.stop)
+
+        self.ready = True
+        log.info(
+            "ready: %d accounts, ingest on %s:%d, worker %s",
+            len(sup.accounts),
+            s.ingest.host,
+            self.ingest_port,
+            s.worker.url,
+        )
+        if self.on_ready is not None:
+            await self.on_ready(self)
+
+    async def _check_schema(self) -> None:
+        assert self.databases is not None
+        versions = await migrate.current(self.settings.database_urls())
+        heads = await migrate.heads()
+        behind = [k for k, v in versions.items() if v != heads[k]]
+        if behind:
+            raise ConfigError(
+                f"database schema not up to date for {', '.join(behind)} "
+                f"(at {', '.join(str(versions[k]) for k in behind)}): run `accountd db upgrade`"
+            )
+
+    async def _main_loop(self) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in (stop, reload):
+                    fut.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fut
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                self.reload()
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self) -> list[str]:
+        """Re-read the config; apply what can change live, report the rest. Returns notes."""
+        notes: list[str] = []
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return [str(exc)]
+        old = self.settings
+        for section in type(old).model_fields:
+            if getattr(old, section) == getattr(new, section) or section in LIVE_SECTIONS:
+                continue
+            notes.append(f"{section}: changed, needs a restart to apply; the old value is kept")
+        if self.supervisor is not None:
+            self.supervisor.reconfigure(policy_config(new))
+        merged = old.model_copy(update={k: getattr(new, k) for k in LIVE_SECTIONS})
+        self.settings = merged
+        for note in notes:
+            log.warning("reload: %s", note)
+        log.info("reload: heartbeat, deadlines, recovery and logging settings applied")
+        return notes
+
+    # ---------------------------------------------------------------- periodic jobs
+
+    def _scheduler(self, sup: Supervisor, lease: Lease) -> AsyncIOScheduler:
+        s = self.settings
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        watermark = {"since": self.clock.now() - s.heartbeat.timeout}
+
+        async def pick_up() -> None:
+            sup.adopt_new(await sup.repo.find_created())
+
+        async def flush() -> None:
+            await sup.flush_heartbeats()
+
+        async def poll_heartbeats() -> None:
+            watermark["since"] = await sup.poll_db_heartbeats(watermark["since"])
+
+        async def removed_rows() -> None:
+            present: set[str] = set()
+            async for ids in sup.repo.all_ids():
+                present.update(ids)
+            gone = [a for a in list(sup.accounts) if a not in present]
+            if gone:
+                sup.forget(gone)
+
+        async def renew() -> None:
+            try:
+                await lease.renew()
+            except LeaseLost as exc:
+                log.error("%s; stopping so that two daemons never write together", exc)
+                self.request_stop(1)
+
+        jobs: list[tuple[Callable[[], Awaitable[None]], float]] = [
+            (pick_up, s.supervisor.poll_interval),
+            (flush, s.heartbeat.flush_interval),
+            (poll_heartbeats, s.heartbeat.db_poll_interval),
+            (removed_rows, 300.0),
+            (renew, lease.ttl / 3),
+        ]
+        for fn, seconds in jobs:
+            scheduler.add_job(
+                self._guarded(fn),
+                "interval",
+                seconds=seconds,
+                id=fn.__name__,
+                name=fn.__name__,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(seconds)),
+            )
+        return scheduler
+
+    def _guarded(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Wrap a job so we own its task (awaited at shutdown) and its errors are logged once."""
+
+        async def job() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._job_tasks.add(task)
+            try:
+                await fn()
+            except AccountdError as exc:
+                log.warning("job %s: %s", fn.__name__, exc)
+            except Exception:  # boundary: a failing job is logged; the next run tries again
+                log.exception("job %s failed", fn.__name__)
+            finally:
+                if task is not None:
+                    self._job_tasks.discard(task)
+
+        job.__name__ = fn.__name__
+        return job
+
+    async def _stop_scheduler(self, scheduler: AsyncIOScheduler) -> None:
+        scheduler.shutdown(wait=False)
+        if self._job_tasks:
+            _, pending = await asyncio.wait(set(self._job_tasks), timeout=5)
+            for task in pending:
+                log.warning("job task %s still running at shutdown; cancelling", task.get_name())
+                task.cancel()
+
+
+def run_daemon(settings: Settings) -> int:
+    """`accountd run`: the daemon in the foreground until SIGTERM/SIGINT."""
+    settings.require_runnable()
+    return asyncio.run(Daemon(settings).run())

@@ -1,0 +1,339 @@
+"""The one door: every status change of every account passes through `Door`.
+
+Worker events, deadlines, heartbeat loss, recovery and admin forces all call `Door.fire`. The door
+queues the request; ONE task (the committer) takes the queue in batches, validates each change
+against the transition table and the in-memory state, asks the planner for the row/log/supervision
+values, commits the whole batch through `AccountRepository.apply_transitions` (compare-and-set +
+log row + supervision row per account, one transaction), and only after the commit lets the
+planner update memory, deadlines and metrics. A lost compare-and-set reloads the row and the
+change is decided again against what the database says.
+
+Because only the committer task changes state, there are no races inside the process: two changes
+to one account never share a batch, and each is validated against the state the previous one left.
+Mass changes (a worker host dies and 10,000 accounts lose heartbeats) become a few large
+set-based transactions instead of 10,000 small ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from accountd.adapters.repository import (
+    AccountRepository,
+    AccountRow,
+    Applied,
+    ConcurrentWrite,
+    Conflict,
+    TransitionRequest,
+)
+from accountd.daemon.protocol import ItemResult
+from accountd.errors import IllegalTransition, Overloaded
+from accountd.statemachine import State, Trigger, next_state
+from accountd.statemachine.account import Account
+
+log = logging.getLogger(__name__)
+
+# How often a change whose compare-and-set keeps losing is re-decided before we give up on it.
+MAX_CONFLICT_RETRIES = 3
+
+
+@dataclass(slots=True)
+class Change:
+    """One requested status change."""
+
+    account_id: str
+    trigger: Trigger
+    cause: str  # why, in words: goes into change_reason after the trigger name
+    target: State | None = None  # the destination of an admin `force`
+    data: Mapping[str, Any] | None = None  # event payload (qr_code, error, ...)
+    operator_id: str | None = None
+    # Apply only while the account is still in this state / at this version: a deadline set when
+    # the account entered `waiting_qr` must not fire after it has moved on.
+    expect_state: State | None = None
+    expect_version: int | None = None
+    future: asyncio.Future[ItemResult] | None = None
+    retries: int = 0
+
+
+@dataclass(slots=True)
+class Planned:
+    """What the planner decided for a legal change."""
+
+    request: TransitionRequest
+    new_state: State
+    context: Any = None  # passed back to `after_commit` (e.g. the next action to schedule)
+
+
+@dataclass(slots=True)
+class Redirect:
+    """The planner turns the change into another trigger (e.g. a 4th QR refresh becomes `fail`)."""
+
+    trigger: Trigger
+    cause: str
+    data: Mapping[str, Any] | None = None
+
+
+class Planner(Protocol):
+    """Implemented by the supervisor: the policy decisions around a transition."""
+
+    def plan(
+        self, acc: Account, change: Change, new_state: State, now: float
+    ) -> Planned | Redirect: ...
+
+    def after_commit(self, acc: Account, change: Change, planned: Planned, now: float) -> None: ...
+
+    def refresh(self, acc: Account | None, account_id: str, row: AccountRow | None) -> None: ...
+
+    def lookup(self, account_id: str) -> Account | None: ...
+
+    def now(self) -> float: ...
+
+
+@dataclass(slots=True)
+class DoorStats:
+    committed: int = 0
+    conflicts: int = 0
+    illegal: int = 0
+    batches: int = 0
+    db_errors: int = 0
+    last_batch_seconds: float = 0.0
+    queue_peak: int = 0
+    commit_latency: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class Door:
+    """The single writer of account status, supervision state and status log rows."""
+
+    def __init__(
+        self,
+        repo: AccountRepository,
+        planner: Planner,
+        *,
+        batch_size: int = 500,
+        max_pending: int = 200_000,
+    ) -> None:
+        self.repo = repo
+        self.planner = planner
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self._queue: deque[Change] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stats = DoorStats()
+        self.db_healthy = True
+
+    # -- the door ------------------------------------------------------------------------
+
+    def fire(self, change: Change) -> asyncio.Future[ItemResult]:
+        """Queue a change; the future resolves once it is committed (or refused)."""
+        if self._stopping:
+            raise Overloaded(5.0, "accountd is shutting down")
+        if len(self._queue) >= self.max_pending:
+            raise Overloaded(1.0, f"{len(self._queue)} changes already pending")
+        loop = asyncio.get_running_loop()
+        change.future = loop.create_future()
+        self._queue.append(change)
+        self.stats.queue_peak = max(self.stats.queue_peak, len(self._queue))
+        self._idle.clear()
+        self._wakeup.set()
+        return change.future
+
+    def fire_many(self, changes: Sequence[Change]) -> list[asyncio.Future[ItemResult]]:
+        if self._stopping:
+            raise Overloaded(5.0, "accountd is shutting down")
+        if len(self._queue) + len(changes) > self.max_pending:
+            raise Overloaded(1.0, f"{len(self._queue)} changes already pending")
+        return [self.fire(c) for c in changes]
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def wait_idle(self) -> None:
+        """Until every queued change has been committed or refused."""
+        await self._idle.wait()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        assert self._task is None
+        self._task = asyncio.create_task(self._run(), name="accountd-door")
+
+    async def drain(self, grace: float) -> bool:
+        """Stop taking changes and wait (bounded) until the queued ones are committed."""
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return True
+        except TimeoutError:
+            log.warning("door: %d changes still pending at shutdown", len(self._queue))
+            return False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:  # whatever is left is refused, never silently dropped
+            change = self._queue.popleft()
+            if change.future is not None and not change.future.done():
+                change.future.set_exception(Overloaded(5.0, "accountd stopped"))
+
+    # -- the committer -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take_batch()
+            try:
+                await self._commit(batch)
+                delay = 0.2
+                self.db_healthy = True
+            except (OperationalError, DBAPIError, OSError) as exc:
+                # The database is down or refused the batch. Nothing of the batch was applied
+                # (one transaction); put it back at the front and retry with backoff.
+                self.db_healthy = False
+                self.stats.db_errors += 1
+                log.warning("door: commit failed, retrying in %.1fs: %s", delay, _short(exc))
+                waiting = [c for c in batch if c.future is None or not c.future.done()]
+                self._queue.extendleft(reversed(waiting))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _take_batch(self) -> list[Change]:
+        """Up to batch_size changes, at most one per account (the rest wait their turn)."""
+        batch: list[Change] = []
+        seen: set[str] = set()
+        deferred: list[Change] = []
+        while self._queue and len(batch) < self.batch_size:
+            change = self._queue.popleft()
+            if change.account_id in seen:
+                deferred.append(change)
+            else:
+                seen.add(change.account_id)
+                batch.append(change)
+        self._queue.extendleft(reversed(deferred))
+        return batch
+
+    async def _commit(self, batch: list[Change]) -> None:
+        now = self.planner.now()
+        planned: list[tuple[Account, Change, Planned]] = []
+        for change in batch:
+            decided = self._decide(change, now)
+            if decided is not None:
+                planned.append(decided)
+        if not planned:
+            return
+        started = time.perf_counter()
+        try:
+            outcomes = await self.repo.apply_transitions([p.request for _, _, p in planned])
+        except ConcurrentWrite as exc:
+            # Only possible without row locks (SQLite with an outside writer): retry one by one
+            # so a single contested row cannot hold the batch hostage.
+            log.info("door: %s; re-deciding the batch one by one", exc)
+            for _, change, _ in planned:
+                change.retries += 1
+                self._requeue_or_fail(change, ItemResult.CONFLICT)
+            return
+        elapsed = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.last_batch_seconds = elapsed
+        self.stats.commit_latency.append(elapsed)
+        conflicts: list[tuple[Account, Change, Conflict]] = []
+        for (acc, change, p), outcome in zip(planned, outcomes, strict=True):
+            if isinstance(outcome, Applied):
+                self.stats.committed += 1
+                try:
+                    self.planner.after_commit(acc, change, p, now)
+                except Exception:  # boundary: the commit stands; a bug here must not stop the door
+                    log.exception("door: after-commit hook failed for %s", acc.id)
+                _resolve(change, ItemResult.APPLIED)
+            else:
+                conflicts.append((acc, change, outcome))
+        if conflicts:
+            await self._handle_conflicts(conflicts)
+
+    def _decide(self, change: Change, now: float) -> tuple[Account, Change, Planned] | None:
+        for _ in range(4):  # a redirect may chain once or twice (qr_ready → fail), never loop
+            acc = self.planner.lookup(change.account_id)
+            if acc is None:
+                _resolve(change, ItemResult.UNKNOWN_ACCOUNT)
+                return None
+            state = State(acc.status)
+            if (change.expect_state is not None and change.expect_state != state) or (
+                change.expect_version is not None and change.expect_version != acc.version
+            ):
+                # A deadline or decision made for an earlier state: the account moved on.
+                _resolve(change, ItemResult.CONFLICT)
+                return None
+            try:
+                new_state = next_state(state, change.trigger, change.target)
+            except IllegalTransition:
+                self.stats.illegal += 1
+                _resolve(change, ItemResult.ILLEGAL)
+                return None
+            result = self.planner.plan(acc, change, new_state, now)
+            if isinstance(result, Redirect):
+                change.trigger = result.trigger
+                change.cause = result.cause
+                change.data = result.data
+                change.target = None
+                continue
+            return acc, change, result
+        _resolve(change, ItemResult.ILLEGAL)
+        return None
+
+    async def _handle_conflicts(self, conflicts: list[tuple[Account, Change, Conflict]]) -> None:
+        self.stats.conflicts += len(conflicts)
+        rows = await self.repo.get_accounts([c.account_id for _, _, c in conflicts])
+        for acc, change, conflict in conflicts:
+            row = rows.get(conflict.account_id)
+            log.info(
+                "door: compare-and-set lost for %s (expected %s, found %s); re-deciding",
+                conflict.account_id,
+                conflict.expected,
+                conflict.found,
+            )
+            self.planner.refresh(acc, conflict.account_id, row)
+            change.retries += 1
+            if row is None:
+                _resolve(change, ItemResult.UNKNOWN_ACCOUNT)
+            else:
+                self._requeue_or_fail(change, ItemResult.CONFLICT)
+
+    def _requeue_or_fail(self, change: Change, result: ItemResult) -> None:
+        if change.retries > MAX_CONFLICT_RETRIES:
+            _resolve(change, result)
+        else:
+            # Decisions tied to a state/version are re-validated against the reloaded row.
+            self._queue.append(change)
+
+
+def _resolve(change: Change, result: ItemResult) -> None:
+    if change.future is not None and not change.future.done():
+        change.future.set_result(result)
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"

@@ -1,0 +1,792 @@
+"""The supervisor: the in-memory truth about every account and the policy around transitions.
+
+It owns the account table in memory, the deadline queue, the heartbeat buffer and the pool of
+worker calls, and it is the `Planner` of the one door (`accountd.daemon.door.Door`): the door asks
+it what a legal transition writes (row fields, log reason, supervision state) and tells it when
+the transaction committed, at which point memory, deadlines and side effects follow.
+
+Flow of an event: ingest → `apply_events` → `Door.fire` → committer batch → `plan` →
+``apply_transitions`` (one transaction) → `after_commit` → deadline set, worker call queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from accountd.adapters.repository import (
+    AccountRepository,
+    AccountRow,
+    TransitionRequest,
+    to_db_time,
+)
+from accountd.adapters.worker import WorkerClient
+from accountd.daemon.clock import Clock
+from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
+from accountd.daemon.door import Change, Door, Planned, Redirect
+from accountd.daemon.policy import (
+    MassOfflineDetector,
+    PolicyConfig,
+    RecoveryDecision,
+    RecoveryLimiter,
+    RecoveryPolicy,
+    backoff_delay,
+)
+from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
+from accountd.errors import Overloaded, WorkerRejected, WorkerTransient
+from accountd.statemachine import State, Trigger
+from accountd.statemachine.account import Account
+
+log = logging.getLogger(__name__)
+
+# Kinds of deadline in the queue; persisted as accountd_supervision.next_action.
+TIMEOUT = "timeout"  # the state's deadline → `timeout`
+HEARTBEAT = "heartbeat"  # online: no heartbeat within heartbeat.timeout → `heartbeat_lost`
+RECOVER = "recover"  # offline: backoff elapsed → `recover`
+RETRY_ERROR = "retry_error"  # error: error_retry_after elapsed → `recover` with a fresh budget
+FAIL = "fail"  # the recovery policy gave up → `fail`
+START = "start"  # created: ask the worker to open a session → `start`
+
+# A hook called after every committed transition: (account, old, new, trigger, now).
+TransitionHook = Callable[[Account, State, State, Trigger, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: str
+    at: float
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """What `plan` decided and `after_commit` applies once the transaction has committed."""
+
+    attempts: int
+    qr_refreshes: int
+    online_since: float | None
+    offline_history: tuple[float, ...]
+    action: Action | None
+    call: str | None  # "open" | "resume" | "close"
+    alert: str | None  # an alert the decision raises (flapping, recovery exhausted, ...)
+
+
+class Supervisor:
+    """Supervises every account; implements the door's `Planner` and ingest's `IngestSink`."""
+
+    def __init__(
+        self,
+        repo: AccountRepository,
+        worker: WorkerClient,
+        cfg: PolicyConfig,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        batch_size: int = 500,
+        page_size: int = 5000,
+        persist_interval: float = 15.0,
+        startup_grace: float = 60.0,
+        worker_concurrency: int = 50,
+    ) -> None:
+        self.repo = repo
+        self.worker = worker
+        self.cfg = cfg
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.page_size = page_size
+        self.persist_interval = persist_interval
+        self.startup_grace = startup_grace
+        self.worker_concurrency = worker_concurrency
+
+        self.accounts: dict[str, Account] = {}
+        self.by_guid: dict[str, str] = {}
+        self.counts: Counter[State] = Counter({s: 0 for s in State})
+        self.deadlines = DeadlineQueue()
+        self.runner = DeadlineRunner(self.deadlines, self._on_due, clock=clock)
+        self.door = Door(repo, self, batch_size=batch_size)
+        self.policy = RecoveryPolicy(cfg, rng=self.rng)
+        self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
+        self.mass = MassOfflineDetector(
+            ratio=cfg.mass_offline_ratio,
+            window=cfg.mass_offline_window,
+            cooldown=cfg.mass_offline_cooldown,
+        )
+        self.hooks: list[TransitionHook] = []
+        self.heartbeats_received = 0
+        self.loaded = False
+        self.started_at = clock.now()
+        # Heartbeats waiting to be written: account id → time (at most one per account).
+        self._dirty: dict[str, float] = {}
+        self._persisted: dict[str, float] = {}
+        self._last_error: dict[str, str] = {}
+        self._recover_pending = 0
+        self._calls: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._call_tasks: list[asyncio.Task[None]] = []
+        self._internal: set[asyncio.Future[ItemResult]] = set()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def load(self) -> int:
+        """Load every account (paged) and restore deadlines and backoff from supervision state."""
+        now = self.clock.now()
+        self.started_at = now
+        repairs: list[dict[str, Any]] = []
+        created: list[str] = []
+        async for page in self.repo.iter_accounts(self.page_size):
+            for row in page:
+                acc = self._adopt(row, now, repairs)
+                if acc.status is State.created:
+                    created.append(acc.id)
+        if repairs:
+            await self.repo.save_supervision(repairs)
+        self.loaded = True
+        for account_id in created:
+            self.runner.set(account_id, now, START)
+        log.info(
+            "loaded %d accounts (%s); %d supervision rows repaired",
+            len(self.accounts),
+            ", ".join(f"{s}={n}" for s, n in self.counts.items() if n),
+            len(repairs),
+        )
+        return len(self.accounts)
+
+    async def start(self) -> None:
+        self.door.start()
+        await self.runner.start()
+        for i in range(self.worker_concurrency):
+            self._call_tasks.append(
+                asyncio.create_task(self._call_loop(), name=f"accountd-worker-call-{i}")
+            )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish in-flight transitions (bounded), flush heartbeats, stop every task."""
+        await self.runner.stop()
+        await self.door.drain(grace)
+        await self.door.stop()
+        for task in self._call_tasks:
+            task.cancel()
+        for task in self._call_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._call_tasks.clear()
+        try:
+            await self.flush_heartbeats(force=True)
+        except Exception:  # boundary: shutdown goes on; the next start re-reads the database
+            log.exception("final heartbeat flush failed")
+
+    def reconfigure(self, cfg: PolicyConfig) -> None:
+        """Apply new policy numbers live (SIGHUP). Running deadlines keep their times; the
+        heartbeat timeout applies at each account's next check."""
+        self.cfg = cfg
+        self.policy = RecoveryPolicy(cfg, rng=self.rng)
+        self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
+        self.mass.ratio = cfg.mass_offline_ratio
+        self.mass.window = cfg.mass_offline_window
+        self.mass.cooldown = cfg.mass_offline_cooldown
+
+    # ---------------------------------------------------------------- loading
+
+    def _adopt(self, row: AccountRow, now: float, repairs: list[dict[str, Any]]) -> Account:
+        status = State(row.status)
+        sup = row.supervision
+        acc = Account(
+            id=row.id,
+            tenant_id=sys.intern(row.tenant_id),
+            wework_guid=row.wework_guid,
+            status=status,
+            entered_at=now,
+            last_heartbeat=row.last_heartbeat_at,
+        )
+        self.accounts[acc.id] = acc
+        self.by_guid[acc.wework_guid] = acc.id
+        self.counts[status] += 1
+        self.mass.add(acc.tenant_id)
+        if sup is not None and sup.get("status") == row.status:
+            acc.entered_at = _ts(sup["entered_at"]) or now
+            acc.attempts = int(sup["attempts"] or 0)
+            acc.qr_refreshes = int(sup["qr_refreshes"] or 0)
+            acc.online_since = _ts(sup["online_since"])
+            acc.offline_history = tuple(float(x) for x in (sup["offline_history"] or ()))
+            acc.paused = bool(sup["paused"])
+            acc.next_action = sup["next_action"]
+            acc.next_action_at = _ts(sup["next_action_at"])
+        else:
+            # New to us, or its status was changed behind our back: supervise it as if it had
+            # just entered its state, and write that down so a restart agrees.
+            if sup is not None:
+                acc.attempts = int(sup["attempts"] or 0)
+                acc.paused = bool(sup["paused"])
+            action = self._entry_action(acc, status, now)
+            acc.next_action = action.kind if action else None
+            acc.next_action_at = action.at if action else None
+            if status is not State.created:
+                repairs.append(self._supervision_row(acc))
+        self._arm(acc, now, restoring=True)
+        return acc
+
+    def _arm(self, acc: Account, now: float, *, restoring: bool = False) -> None:
+        """Put the account's next action into the deadline queue."""
+        if acc.status is State.online:
+            last = acc.last_heartbeat or acc.entered_at
+            due = last + self.cfg.heartbeat_timeout
+            if restoring:
+                # Start-up grace: the daemon was not listening while it was down, so a missing
+                # heartbeat is our outage, not the account's.
+                due = max(due, now + self.startup_grace)
+            self.runner.set(acc.id, due, HEARTBEAT)
+        elif acc.next_action and acc.next_action_at is not None:
+            self.runner.set(acc.id, acc.next_action_at, acc.next_action)
+        else:
+            self.runner.cancel(acc.id)
+
+    def _supervision_row(self, acc: Account) -> dict[str, Any]:
+        return {
+            "account_id": acc.id,
+            "status": str(acc.status),
+            "entered_at": to_db_time(acc.entered_at),
+            "attempts": acc.attempts,
+            "qr_refreshes": acc.qr_refreshes,
+            "next_action": acc.next_action,
+            "next_action_at": to_db_time(acc.next_action_at),
+            "online_since": to_db_time(acc.online_since),
+            "offline_history": list(acc.offline_history),
+            "paused": acc.paused,
+            "paused_reason": None,
+            "last_log_id": None,
+            "epoch": 0,
+            "updated_at": to_db_time(self.clock.now()),
+        }
+
+    def adopt_new(self, rows: Sequence[AccountRow]) -> int:
+        """Take over rows created by other services since the last poll; start them."""
+        now = self.clock.now()
+        added = 0
+        for row in rows:
+            acc = self.accounts.get(row.id)
+            if acc is None:
+                acc = self._adopt(row, now, [])
+                added += 1
+            pending = self.deadlines.get(acc.id)
+            if acc.status is State.created and (pending is None or pending[1] != START):
+                self.runner.set(acc.id, now, START)
+        return added
+
+    def forget(self, account_ids: Sequence[str]) -> None:
+        """Rows deleted by other services: stop supervising them."""
+        for account_id in account_ids:
+            acc = self.accounts.pop(account_id, None)
+            if acc is None:
+                continue
+            self.by_guid.pop(acc.wework_guid, None)
+            self.counts[acc.status] -= 1
+            self.mass.remove(acc.tenant_id)
+            self.runner.cancel(account_id)
+            self._dirty.pop(account_id, None)
+            self._persisted.pop(account_id, None)
+            log.info("account %s was deleted from the database; no longer supervised", account_id)
+
+    # ---------------------------------------------------------------- Planner (for the door)
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def lookup(self, account_id: str) -> Account | None:
+        return self.accounts.get(account_id)
+
+    def refresh(self, acc: Account | None, account_id: str, row: AccountRow | None) -> None:
+        """After a lost compare-and-set: take the database's word for the status."""
+        if row is None:
+            self.forget([account_id])
+            return
+        if acc is None:
+            self._adopt(row, self.clock.now(), [])
+            return
+        new = State(row.status)
+        if new is not acc.status:
+            now = self.clock.now()
+            self.counts[acc.status] -= 1
+            self.counts[new] += 1
+            acc.status = new
+            acc.entered_at = now
+            acc.version += 1
+            action = self._entry_action(acc, new, now)
+            acc.next_action = action.kind if action else None
+            acc.next_action_at = action.at if action else None
+            self._arm(acc, now)
+
+    def plan(
+        self, acc: Account, change: Change, new_state: State, now: float
+    ) -> Planned | Redirect:
+        """Decide what a legal transition writes: row fields, reason, supervision state."""
+        trigger = change.trigger
+        data = dict(change.data or {})
+        fields: dict[str, Any] = {}
+        attempts = acc.attempts
+        qr = acc.qr_refreshes
+        online_since = acc.online_since
+        history = acc.offline_history
+        decision: RecoveryDecision | None = None
+        action: Action | None = None
+
+        if trigger is Trigger.qr_ready:
+            qr_decision = self.policy.on_qr_ready(acc, now)
+            if qr_decision.trigger is Trigger.fail:
+                # Nobody is scanning: a human step must never loop unattended.
+                return Redirect(
+                    Trigger.fail,
+                    qr_decision.reason.removeprefix("fail: "),
+                    {"error": "qr_not_scanned", "needs_human": True, "alert": qr_decision.alert},
+                )
+            qr = qr_decision.qr_refreshes
+            code = data.get("qr_code")
+            fields["login_qr_code"] = code if isinstance(code, str) else None
+
+        if new_state is State.offline:
+            hold = self.mass.cooldown_until(acc.tenant_id, now)
+            decision = self.policy.after_offline(
+                acc, now, cause=trigger, from_state=acc.status, hold_until=hold
+            )
+            online_since = None
+        elif new_state is State.error:
+            error = data.get("error")
+            fields["error_message"] = str(error) if error else change.cause
+            # A QR nobody scans is not retried unattended: an admin must act.
+            if not data.get("needs_human"):
+                decision = self.policy.after_error(acc, now)
+        elif new_state is State.online:
+            fields["login_qr_code"] = None
+            fields["error_message"] = None
+            online_since = now
+            qr = 0
+            action = Action(HEARTBEAT, now + self.cfg.heartbeat_timeout)
+        else:
+            action = self._entry_action(acc, new_state, now)
+
+        alert = data.get("alert")
+        if decision is not None:
+            attempts = decision.attempts
+            qr = decision.qr_refreshes
+            history = decision.offline_history
+            alert = decision.alert or alert
+            action = None
+            if decision.action is not None and decision.at is not None:
+                if decision.action == "fail":
+                    kind = FAIL
+                elif new_state is State.error:
+                    kind = RETRY_ERROR
+                else:
+                    kind = RECOVER
+                action = Action(kind, decision.at, decision.reason)
+
+        call: str | None = None
+        if new_state is State.initializing and (
+            trigger is not Trigger.relogin_required or data.get("daemon")
+        ):
+            call = "open"
+        elif new_state is State.recovering:
+            call = "resume"
+        elif new_state is State.error:
+            call = "close"
+
+        reason = f"{trigger}: {change.cause}"
+        if decision is not None:
+            reason += f"; next: {decision.reason}"
+        details = data.get("error_details") or data.get("error")
+        supervision = {
+            "entered_at": to_db_time(now),
+            "attempts": attempts,
+            "qr_refreshes": qr,
+            "next_action": action.kind if action else None,
+            "next_action_at": to_db_time(action.at) if action else None,
+            "online_since": to_db_time(online_since),
+            "offline_history": list(history),
+            "paused": acc.paused,
+        }
+        request = TransitionRequest(
+            acc.id,
+            str(acc.status),
+            str(new_state),
+            reason,
+            str(details) if details else None,
+            change.operator_id,
+            fields=fields,
+            supervision=supervision,
+        )
+        effects = Effects(
+            attempts, qr, online_since, history, action, call, str(alert) if alert else None
+        )
+        return Planned(request, new_state, effects)
+
+    def _entry_action(self, acc: Account, state: State, now: float) -> Action | None:
+        """The next action of an account found in ``state`` without a decision at hand
+        (entering a login state, or adopting a row whose supervision state is missing)."""
+        cfg = self.cfg
+        if state is State.created:
+            return Action(START, now)
+        if state is State.online:
+            return Action(HEARTBEAT, now + cfg.heartbeat_timeout)
+        if state.has_deadline:
+            seconds = cfg.deadlines[str(state)]
+            return Action(TIMEOUT, now + seconds, f"timeout in {seconds:g}s")
+        if acc.paused:
+            return None
+        if state is State.offline:
+            delay = backoff_delay(acc.attempts + 1, base=cfg.base, cap=cfg.cap, rng=self.rng)
+            return Action(RECOVER, now + delay)
+        if state is State.error and cfg.error_retry_after > 0:
+            return Action(RETRY_ERROR, now + cfg.error_retry_after)
+        return None
+
+    def after_commit(self, acc: Account, change: Change, planned: Planned, now: float) -> None:
+        effects: Effects = planned.context
+        old = acc.status
+        new = planned.new_state
+        self.counts[old] -= 1
+        self.counts[new] += 1
+        acc.status = new
+        acc.entered_at = now
+        acc.attempts = effects.attempts
+        acc.qr_refreshes = effects.qr_refreshes
+        acc.online_since = effects.online_since
+        acc.offline_history = effects.offline_history
+        acc.version += 1
+        action: Action | None = effects.action
+        acc.next_action = action.kind if action else None
+        acc.next_action_at = action.at if action else None
+        if new is State.online:
+            acc.last_heartbeat = now
+        self._arm(acc, now)
+        if effects.call is not None:
+            self._calls.put_nowait((effects.call, acc.id))
+        dropped = change.trigger in (Trigger.heartbeat_lost, Trigger.logged_out)
+        if new is State.offline and dropped and self.mass.record_drop(acc.tenant_id, now):
+            log.warning(
+                "mass_offline: tenant %s lost many accounts within %gs; recovery paused %gs",
+                acc.tenant_id,
+                self.cfg.mass_offline_window,
+                self.cfg.mass_offline_cooldown,
+            )
+        for hook in self.hooks:
+            hook(acc, old, new, change.trigger, now)
+
+    # ---------------------------------------------------------------- deadlines
+
+    async def _on_due(self, due: list[tuple[str, str]]) -> None:
+        now = self.clock.now()
+        stale: list[Account] = []
+        for account_id, kind in due:
+            acc = self.accounts.get(account_id)
+            if acc is None:
+                continue
+            if kind == HEARTBEAT:
+                if acc.status is not State.online:
+                    continue
+                last = max(acc.last_heartbeat or 0.0, acc.entered_at)
+                if last + self.cfg.heartbeat_timeout > now:
+                    self.runner.set(acc.id, last + self.cfg.heartbeat_timeout, HEARTBEAT)
+                else:
+                    stale.append(acc)
+            elif kind == TIMEOUT:
+                seconds = self.cfg.deadlines.get(str(acc.status), 0)
+                cause = f"no progress in {acc.status} within {seconds:g}s"
+                details: dict[str, Any] | None = None
+                if err := self._last_error.pop(acc.id, None):
+                    # The worker's message (URL, account id, OS error) is long: in change_reason
+                    # (VARCHAR(255), clipped) it pushed out the "; next: …" decision, which is
+                    # what an operator most needs. The full text goes to error_details instead.
+                    cause += " (the last worker call failed)"
+                    details = {"error_details": f"last worker error: {err}"}
+                self._fire(
+                    Change(acc.id, Trigger.timeout, cause, data=details, expect_state=acc.status)
+                )
+            elif kind in (RECOVER, RETRY_ERROR):
+                self._try_recover(acc, kind, now)
+            elif kind == FAIL:
+                self._fire(
+                    Change(
+                        acc.id,
+                        Trigger.fail,
+                        "recovery policy gave up (see the previous log row)",
+                        data={"error": "recovery_gave_up"},
+                        expect_state=acc.status,
+                    )
+                )
+            elif kind == START:
+                self._fire(
+                    Change(
+                        acc.id, Trigger.start, "new account picked up", expect_state=State.created
+                    )
+                )
+        if stale:
+            await self._heartbeat_lost(stale, now)
+
+    def _try_recover(self, acc: Account, kind: str, now: float) -> None:
+        if acc.paused:
+            return
+        cooldown_end = self.mass.cooldown_until(acc.tenant_id, now)
+        if cooldown_end is not None:
+            self.runner.set(acc.id, cooldown_end + self.rng.uniform(0, 5), kind)
+            return
+        # In flight = accounts in `recovering` plus recover changes not yet committed: derived
+        # from the states, so it stays right across restarts and outside status changes.
+        in_flight = self.counts[State.recovering] + self._recover_pending
+        if in_flight >= self.cfg.max_in_flight:
+            self.runner.set(acc.id, now + 1.0 + self.rng.uniform(0, 1.0), kind)
+            return
+        if not self.limiter.try_take_token(now):
+            later = max(self.limiter.next_available(now), now + 0.05)
+            self.runner.set(acc.id, later + self.rng.uniform(0, 0.5), kind)
+            return
+        if kind == RETRY_ERROR:
+            cause = f"error retry after {self.cfg.error_retry_after:g}s"
+            data: dict[str, Any] = {"reset_attempts": True}
+        else:
+            cause = f"attempt {acc.attempts + 1}/{self.cfg.max_attempts} after backoff"
+            data = {}
+        self._recover_pending += 1
+        fut = self._fire(Change(acc.id, Trigger.recover, cause, data=data, expect_state=acc.status))
+        if fut is not None:
+            fut.add_done_callback(self._recover_done)
+        else:
+            self._recover_pending -= 1
+
+    def _recover_done(self, _fut: asyncio.Future[ItemResult]) -> None:
+        self._recover_pending -= 1
+
+    async def _heartbeat_lost(self, stale: list[Account], now: float) -> None:
+        # Other services may write last_heartbeat_at directly: ask the database before declaring
+        # the accounts stale (cost proportional to the expirations, by primary key).
+        try:
+            rows = await self.repo.get_accounts([a.id for a in stale])
+        except Exception:  # boundary: the DB is down; memory decides, the door will retry
+            log.warning("could not re-check %d stale heartbeats in the database", len(stale))
+            rows = {}
+        timeout = self.cfg.heartbeat_timeout
+        for acc in stale:
+            row = rows.get(acc.id)
+            db_beat = row.last_heartbeat_at if row is not None else None
+            if db_beat is not None and db_beat + timeout > now:
+                acc.last_heartbeat = max(acc.last_heartbeat or 0.0, db_beat)
+                self.runner.set(acc.id, db_beat + timeout, HEARTBEAT)
+                continue
+            last = acc.last_heartbeat
+            ago = f"{now - last:.1f}s ago" if last else "never"
+            self._fire(
+                Change(
+                    acc.id,
+                    Trigger.heartbeat_lost,
+                    f"no heartbeat within {timeout:g}s (last {ago})",
+                    expect_state=State.online,
+                    expect_version=acc.version,
+                )
+            )
+
+    def _fire(self, change: Change) -> asyncio.Future[ItemResult] | None:
+        """Fire a change decided by the daemon itself; outcomes other than applied are logged."""
+        try:
+            fut = self.door.fire(change)
+        except Overloaded as exc:
+            log.warning("could not queue %s for %s: %s", change.trigger, change.account_id, exc)
+            return None
+        self._internal.add(fut)
+        fut.add_done_callback(self._internal_done)
+        return fut
+
+    def _internal_done(self, fut: asyncio.Future[ItemResult]) -> None:
+        self._internal.discard(fut)
+        if not fut.cancelled() and fut.exception() is None:
+            result = fut.result()
+            if result is not ItemResult.APPLIED:
+                log.debug("daemon change not applied: %s", result)
+
+    # ---------------------------------------------------------------- worker calls
+
+    async def _call_loop(self) -> None:
+        while True:
+            call, account_id = await self._calls.get()
+            try:
+                await self._call(call, account_id)
+            except (WorkerTransient, WorkerRejected) as exc:
+                self._worker_failed(call, account_id, exc)
+            except Exception:  # boundary: one bad call must not kill the pool
+                log.exception("worker call %s for %s failed", call, account_id)
+
+    async def _call(self, call: str, account_id: str) -> None:
+        if call == "open":
+            info = await self.repo.session_info(account_id)
+            if info is None:
+                return
+            await self.worker.open_session(
+                account_id=info.account_id,
+                wework_guid=info.wework_guid,
+                corp_id=info.corp_id,
+                device_info=info.device_info,
+                proxy_config=info.proxy_config,
+            )
+        elif call == "resume":
+            await self.worker.resume_session(account_id)
+        elif call == "close":
+            await self.worker.close_session(account_id)
+
+    def _worker_failed(self, call: str, account_id: str, exc: Exception) -> None:
+        acc = self.accounts.get(account_id)
+        if acc is None:
+            return
+        if isinstance(exc, WorkerTransient):
+            # Transient: the state's deadline will fire and the recovery policy backs off.
+            self._last_error[account_id] = str(exc)[:200]
+            log.info("worker call %s for %s failed (transient): %s", call, account_id, exc)
+            return
+        if call == "resume" and getattr(exc, "status", None) == 404:
+            self._fire(
+                Change(
+                    account_id,
+                    Trigger.relogin_required,
+                    "worker has no session to resume; a QR login is needed",
+                    data={"daemon": True},
+                    expect_state=State.recovering,
+                )
+            )
+            return
+        if call in ("open", "resume"):
+            self._fire(
+                Change(
+                    account_id,
+                    Trigger.fail,
+                    f"worker rejected {call}: {exc}",
+                    data={"error": f"worker_rejected: {exc}"},
+                    expect_state=acc.status,
+                )
+            )
+
+    # ---------------------------------------------------------------- IngestSink
+
+    def record_heartbeats(
+        self, account_ids: Sequence[str], ats: Sequence[datetime]
+    ) -> list[ItemResult]:
+        # Memory is authoritative for detection and the daemon's own clock decides staleness
+        # (a worker's clock may be off); the database write is coalesced and rate-limited.
+        now = self.clock.now()
+        accounts = self.accounts
+        dirty = self._dirty
+        persisted = self._persisted
+        interval = self.persist_interval
+        applied = ItemResult.APPLIED
+        unknown = ItemResult.UNKNOWN_ACCOUNT
+        out: list[ItemResult] = []
+        append = out.append
+        for account_id in account_ids:
+            acc = accounts.get(account_id)
+            if acc is None:
+                append(unknown)
+                continue
+            acc.last_heartbeat = now
+            if now - persisted.get(account_id, 0.0) >= interval:
+                dirty[account_id] = now
+                persisted[account_id] = now
+            append(applied)
+        self.heartbeats_received += len(account_ids)
+        return out
+
+    async def apply_events(self, events: Sequence[WorkerEvent]) -> list[ItemResult]:
+        results: list[ItemResult | None] = [None] * len(events)
+        changes: list[tuple[int, Change]] = []
+        for i, ev in enumerate(events):
+            if ev.event not in WORKER_EVENTS:
+                results[i] = ItemResult.ILLEGAL
+            elif ev.account_id not in self.accounts:
+                results[i] = ItemResult.UNKNOWN_ACCOUNT
+            else:
+                cause = f"worker event at {ev.at.isoformat(timespec='seconds')}"
+                if ev.event == "fail" and ev.data.get("error"):
+                    cause += f": {str(ev.data['error'])[:120]}"
+                changes.append((i, Change(ev.account_id, Trigger(ev.event), cause, data=ev.data)))
+        futures = self.door.fire_many([c for _, c in changes])
+        done = await asyncio.gather(*futures)
+        for (i, change), result in zip(changes, done, strict=True):
+            acc = self.accounts.get(change.account_id)
+            if (
+                result is ItemResult.ILLEGAL
+                and acc is not None
+                and _destination(change.trigger) is acc.status
+            ):
+                result = ItemResult.DUPLICATE  # e.g. `verified` repeated while already online
+            results[i] = result
+        return [r if r is not None else ItemResult.ILLEGAL for r in results]
+
+    # ---------------------------------------------------------------- heartbeats to the DB
+
+    async def flush_heartbeats(self, *, force: bool = False) -> int:
+        """Write the coalesced heartbeats (one UPDATE per distinct second, not per account)."""
+        if not self._dirty:
+            return 0
+        batch, self._dirty = self._dirty, {}
+        try:
+            return await self.repo.write_heartbeats(batch)
+        except Exception:
+            # Keep them for the next flush (newer values win) instead of losing them.
+            for account_id, ts in batch.items():
+                if self._dirty.get(account_id, 0.0) < ts:
+                    self._dirty[account_id] = ts
+            raise
+
+    async def poll_db_heartbeats(self, since: float) -> float:
+        """Pick up heartbeats other services wrote to last_heartbeat_at; return the watermark."""
+        rows = await self.repo.heartbeats_since(to_db_time(since) or datetime.min)
+        newest = since
+        for account_id, ts in rows:
+            newest = max(newest, ts)
+            acc = self.accounts.get(account_id)
+            if acc is not None and (acc.last_heartbeat or 0.0) < ts:
+                acc.last_heartbeat = ts
+        return newest
+
+    # ---------------------------------------------------------------- admin helpers
+
+    def find(self, ref: str) -> Account | None:
+        """An account by id or wework_guid."""
+        acc = self.accounts.get(ref)
+        if acc is None and ref in self.by_guid:
+            acc = self.accounts.get(self.by_guid[ref])
+        return acc
+
+    def snapshot_counts(self) -> dict[str, int]:
+        return {str(s): self.counts[s] for s in State}
+
+
+def _ts(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        from accountd.adapters.repository import from_db_time
+
+        return from_db_time(value)
+    return float(value)
+
+
+_DEST: dict[Trigger, State] = {
+    Trigger.start: State.initializing,
+    Trigger.qr_ready: State.waiting_qr,
+    Trigger.qr_scanned: State.waiting_confirm,
+    Trigger.confirmed: State.verifying,
+    Trigger.verified: State.online,
+    Trigger.heartbeat_lost: State.offline,
+    Trigger.logged_out: State.offline,
+    Trigger.timeout: State.offline,
+    Trigger.recover: State.recovering,
+    Trigger.recovered: State.online,
+    Trigger.relogin_required: State.initializing,
+    Trigger.fail: State.error,
+}
+
+
+def _destination(trigger: Trigger) -> State | None:
+    return _DEST.get(trigger)
