@@ -120,12 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "current", parents=[config], help="print each database's current revision"
     ).set_defaults(handler=_cmd_db_current)
-    db_commands.add_parser(
+    verify = db_commands.add_parser(
         "verify",
         parents=[config],
         help="check integrity: orphans, cross-database references, status vs. last log row",
-        description="Check data integrity; exit status 1 when a problem is found.",
-    ).set_defaults(handler=_cmd_db_verify)
+        description="Check data integrity: every account's status against its last status log "
+        "row, the log chain, duplicated decisions, the daemon's supervision rows, orphans "
+        "where partitioning dropped a foreign key and references across databases. Each "
+        "violated check is reported with the offending ids; exit status 1 when any fails.",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive_int,
+        default=20,
+        help="offending ids to show per check (default: 20)",
+    )
+    verify.set_defaults(handler=_cmd_db_verify)
 
     cfg = commands.add_parser("config", help="configuration tools")
     cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -223,10 +235,12 @@ def _print_revisions(urls: Mapping[str, str]) -> int:
 
 
 def _cmd_db_verify(args: argparse.Namespace) -> int:
-    from accountd.adapters.verify import verify  # type: ignore[import-not-found, unused-ignore]
+    from accountd.adapters.verify import verify
 
-    report = asyncio.run(verify(_settings(args).database_urls()))
-    print(report)
+    # No logging setup, as for `config check`: the report is this command's whole output.
+    urls = _settings(args, with_logging=False).database_urls()
+    report = asyncio.run(verify(urls, limit=args.limit))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 
