@@ -28,6 +28,7 @@ from accountd.adapters.worker import WorkerClient
 from accountd.daemon.clock import Clock, SystemClock
 from accountd.daemon.ingest import IngestServer, make_ingest_app
 from accountd.daemon.lease import Lease, LeaseHeld, LeaseLost
+from accountd.daemon.outbox import Outbox
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
@@ -84,6 +85,7 @@ class Daemon:
         self.config_path = config_path if config_path is not None else settings.source_path
         self.on_ready = on_ready
         self.supervisor: Supervisor | None = None
+        self.outbox: Outbox | None = None
         self.databases: Databases | None = None
         self.ingest_port: int | None = None
         self.ready = False
@@ -145,6 +147,12 @@ class Daemon:
         lease = Lease(dbs.platform)
         await lease.acquire()
         stack.push_async_callback(lease.release)
+
+        # Cross-database writes (operation_logs, system_alerts, metrics snapshots) that follow a
+        # commit in wework_platform; stopped after the supervisor so its last writes get out.
+        self.outbox = Outbox({"core": dbs.core, "analytics": dbs.analytics})
+        await self.outbox.start()
+        stack.push_async_callback(self.outbox.stop)
 
         worker = await stack.enter_async_context(
             WorkerClient(

@@ -60,6 +60,35 @@ TransitionHook = Callable[[Account, State, State, Trigger, float], None]
 
 
 @dataclass(frozen=True, slots=True)
+class TransitionEvent:
+    """What listeners (metrics, alerts, the demo's printer) learn about a committed transition."""
+
+    account: Account
+    old: State
+    new: State
+    trigger: Trigger
+    reason: str
+    operator_id: str | None
+    alert: str | None  # an alert the decision raised: flapping, qr_not_scanned, recovery_exhausted
+    at: float
+    time_in_old: float  # seconds spent in `old` (accountd_state_duration_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupEvent:
+    """A decision about a group of accounts: today only ``mass_offline`` of a tenant."""
+
+    kind: str
+    group: str
+    at: float
+    until: float  # end of the cool-down
+
+
+TransitionListener = Callable[[TransitionEvent], None]
+GroupListener = Callable[[GroupEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
 class Action:
     kind: str
     at: float
@@ -120,6 +149,10 @@ class Supervisor:
             cooldown=cfg.mass_offline_cooldown,
         )
         self.hooks: list[TransitionHook] = []
+        # Listeners run after the commit, in the committer task: they must be quick and must
+        # not raise (metrics, alert bookkeeping); slow work belongs in their own tasks.
+        self.listeners: list[TransitionListener] = []
+        self.group_listeners: list[GroupListener] = []
         self.heartbeats_received = 0
         self.loaded = False
         self.started_at = clock.now()
@@ -448,6 +481,7 @@ class Supervisor:
     def after_commit(self, acc: Account, change: Change, planned: Planned, now: float) -> None:
         effects: Effects = planned.context
         old = acc.status
+        time_in_old = max(0.0, now - acc.entered_at)
         new = planned.new_state
         self.counts[old] -= 1
         self.counts[new] += 1
@@ -474,8 +508,27 @@ class Supervisor:
                 self.cfg.mass_offline_window,
                 self.cfg.mass_offline_cooldown,
             )
+            group_event = GroupEvent(
+                "mass_offline", acc.tenant_id, now, now + self.cfg.mass_offline_cooldown
+            )
+            for group_listener in self.group_listeners:
+                group_listener(group_event)
         for hook in self.hooks:
             hook(acc, old, new, change.trigger, now)
+        if self.listeners:
+            event = TransitionEvent(
+                acc,
+                old,
+                new,
+                change.trigger,
+                planned.request.reason,
+                change.operator_id,
+                effects.alert,
+                now,
+                time_in_old,
+            )
+            for listener in self.listeners:
+                listener(event)
 
     # ---------------------------------------------------------------- deadlines
 
