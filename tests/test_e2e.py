@@ -49,6 +49,7 @@ def fast_settings(
             "state_dir": state_dir,
             "databases": urls,
             "ingest": {"listen": f"127.0.0.1:{port}", "token": token},
+            "metrics": {"listen": "127.0.0.1:0"},
             "worker": {"url": worker, "timeout": 2},
             "heartbeat": {
                 "timeout": 1.5,

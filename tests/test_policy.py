@@ -334,6 +334,21 @@ def test_a_tiny_group_losing_one_account_is_not_mass_offline() -> None:
     assert not det.record_drop("worker:w1", T0 + 1)
 
 
+def test_one_account_dropping_repeatedly_is_not_mass_offline() -> None:
+    det = _mass(10)
+    # One account flapping three times in two minutes: its own problem, not its tenant's.
+    assert not any(det.record_drop("tenant:t1", T0 + i, "acc-1") for i in range(10))
+    # Three distinct accounts (30 % of 10) within the window are a wave.
+    assert not det.record_drop("tenant:t1", T0 + 20, "acc-2")
+    assert det.record_drop("tenant:t1", T0 + 21, "acc-3")
+    # A member whose drops left the window no longer counts.
+    det2 = _mass(10)
+    det2.record_drop("tenant:t1", T0, "acc-1")
+    det2.record_drop("tenant:t1", T0 + 60, "acc-2")
+    assert not det2.record_drop("tenant:t1", T0 + 121, "acc-3")  # acc-1's drop has expired
+    assert det2.record_drop("tenant:t1", T0 + 122, "acc-1")
+
+
 # -- recovery limiter ---------------------------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ state_dir = "{path.parent}"
 [ingest]
 listen = "127.0.0.1:{port}"
 token = "{token}"
+[metrics]
+listen = "127.0.0.1:0"
 [worker]
 url = "{worker}"
 timeout = 1

@@ -147,6 +147,7 @@ class DeadlineRunner:
         self._task: asyncio.Task[None] | None = None
         #: Batches handed to ``on_due`` so far.
         self.batches = 0
+        self._busy = False
 
     # -- scheduling, for the engine ---------------------------------------------------------
 
@@ -166,6 +167,12 @@ class DeadlineRunner:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch is in ``on_due`` (which may await the database): lets a test on a
+        `FakeClock` tell "nothing due" from "due and still being handled"."""
+        return self._busy
 
     async def start(self) -> None:
         if self._task is not None:
@@ -206,10 +213,13 @@ class DeadlineRunner:
             due = self.queue.pop_due(now, self._batch_size)
             if due:
                 self.batches += 1
+                self._busy = True
                 try:
                     await self._on_due(due)
                 except Exception:  # the boundary: log once, keep the deadlines of others alive
                     _log.exception("on_due failed for a batch of %d deadlines", len(due))
+                finally:
+                    self._busy = False
                 # Yield even when on_due never awaited, so a long backlog cannot starve the loop.
                 await asyncio.sleep(0)
                 continue

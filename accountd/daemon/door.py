@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -133,6 +133,8 @@ class Door:
         self._idle.set()
         self.stats = DoorStats()
         self.db_healthy = True
+        # Timing hook (database, operation, seconds) for accountd_db_latency_seconds.
+        self.on_db_time: Callable[[str, str, float], None] | None = None
 
     # -- the door ------------------------------------------------------------------------
 
@@ -259,6 +261,8 @@ class Door:
         self.stats.batches += 1
         self.stats.last_batch_seconds = elapsed
         self.stats.commit_latency.append(elapsed)
+        if self.on_db_time is not None:
+            self.on_db_time("platform", "transition", elapsed)
         conflicts: list[tuple[Account, Change, Conflict]] = []
         for (acc, change, p), outcome in zip(planned, outcomes, strict=True):
             if isinstance(outcome, Applied):

@@ -177,11 +177,13 @@ class FlapDetector:
 
 
 class _Group:
-    __slots__ = ("cooldown_until", "drops", "size")
+    __slots__ = ("cooldown_until", "drops", "members", "size")
 
     def __init__(self) -> None:
         self.size = 0
-        self.drops: deque[float] = deque()
+        self.drops: deque[tuple[float, object]] = deque()
+        #: Drops per member inside the window: its length is the number of *distinct* accounts.
+        self.members: dict[object, int] = {}
         self.cooldown_until = -math.inf
 
 
@@ -194,6 +196,9 @@ class MassOfflineDetector:
     then stays in cool-down for ``cooldown`` seconds, during which drops are not counted, so the
     end of a cool-down needs a fresh wave to start a new episode. All operations are O(1)
     amortised: each drop time is appended once and expires once.
+
+    With ``member`` (the account id) a wave counts distinct accounts: one account going offline
+    three times in two minutes is flapping, not a mass outage of its whole tenant.
     """
 
     def __init__(
@@ -239,21 +244,34 @@ class MassOfflineDetector:
         g = self._groups.get(group)
         return 0 if g is None else g.size
 
-    def record_drop(self, group: str, now: float) -> bool:
-        """An account of ``group`` went offline at ``now``; True when this starts an episode."""
+    def record_drop(self, group: str, now: float, member: object = None) -> bool:
+        """An account of ``group`` went offline at ``now``; True when this starts an episode.
+
+        ``member`` identifies the account (repeated drops of one member count once per window);
+        without it every drop counts.
+        """
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group()
         if now < g.cooldown_until:
             return False
-        drops = g.drops
-        drops.append(now)
+        if member is None:
+            member = object()  # anonymous: a member of its own
+        drops, members = g.drops, g.members
+        drops.append((now, member))
+        members[member] = members.get(member, 0) + 1
         since = now - self.window
-        while drops and drops[0] <= since:
-            drops.popleft()
-        if len(drops) >= max(self.min_drops, self.ratio * g.size):
+        while drops and drops[0][0] <= since:
+            _, gone = drops.popleft()
+            left = members[gone] - 1
+            if left:
+                members[gone] = left
+            else:
+                del members[gone]
+        if len(members) >= max(self.min_drops, self.ratio * g.size):
             g.cooldown_until = now + self.cooldown
             drops.clear()
+            members.clear()
             return True
         return False
 
@@ -420,7 +438,12 @@ class RecoveryPolicy:
         recovery is scheduled no earlier than that.
         """
         cfg = self.cfg
-        history = self.flaps.record(account.offline_history, now)
+        # Flapping is a session that keeps coming up and going down: only drops *from online*
+        # count. A recovery that times out is the attempt counter's business (max_attempts).
+        if from_state is State.online:
+            history = self.flaps.record(account.offline_history, now)
+        else:
+            history = self.flaps.trim(account.offline_history, now)
         qr = account.qr_refreshes
         if cause is Trigger.timeout and from_state in HUMAN_STATES:
             # Nobody scanned (or confirmed) in time: that QR is as spent as a refreshed one.

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import random
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -147,6 +148,7 @@ class Supervisor:
             ratio=cfg.mass_offline_ratio,
             window=cfg.mass_offline_window,
             cooldown=cfg.mass_offline_cooldown,
+            min_drops=cfg.mass_offline_min_drops,
         )
         self.hooks: list[TransitionHook] = []
         # Listeners run after the commit, in the committer task: they must be quick and must
@@ -154,13 +156,23 @@ class Supervisor:
         self.listeners: list[TransitionListener] = []
         self.group_listeners: list[GroupListener] = []
         self.heartbeats_received = 0
+        # Metrics hooks: (database, operation, seconds) after a timed write/load; (database)
+        # after a failed one. Set by accountd.daemon.metrics.Metrics.attach.
+        self.on_db_time: Callable[[str, str, float], None] | None = None
+        self.on_db_error: Callable[[str], None] | None = None
         self.loaded = False
         self.started_at = clock.now()
+        # Why paused accounts were paused (accountd_supervision.paused_reason); paused only.
+        self.paused_reasons: dict[str, str] = {}
         # Heartbeats waiting to be written: account id → time (at most one per account).
         self._dirty: dict[str, float] = {}
         self._persisted: dict[str, float] = {}
         self._last_error: dict[str, str] = {}
         self._recover_pending = 0
+        # Accounts due for recovery while every slot was taken: (id, kind, version), FIFO.
+        self._recover_queue: deque[tuple[str, str, int]] = deque()
+        # Why a scheduled `fail` will fire (the decision's words), for the error_message.
+        self._fail_reasons: dict[str, tuple[str, str | None]] = {}
         self._calls: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._call_tasks: list[asyncio.Task[None]] = []
         self._internal: set[asyncio.Future[ItemResult]] = set()
@@ -171,6 +183,7 @@ class Supervisor:
         """Load every account (paged) and restore deadlines and backoff from supervision state."""
         now = self.clock.now()
         self.started_at = now
+        load_started = time.perf_counter()
         repairs: list[dict[str, Any]] = []
         created: list[str] = []
         async for page in self.repo.iter_accounts(self.page_size):
@@ -180,6 +193,8 @@ class Supervisor:
                     created.append(acc.id)
         if repairs:
             await self.repo.save_supervision(repairs)
+        if self.on_db_time is not None:
+            self.on_db_time("platform", "load", time.perf_counter() - load_started)
         self.loaded = True
         for account_id in created:
             self.runner.set(account_id, now, START)
@@ -224,6 +239,7 @@ class Supervisor:
         self.mass.ratio = cfg.mass_offline_ratio
         self.mass.window = cfg.mass_offline_window
         self.mass.cooldown = cfg.mass_offline_cooldown
+        self.mass.min_drops = cfg.mass_offline_min_drops
 
     # ---------------------------------------------------------------- loading
 
@@ -242,6 +258,8 @@ class Supervisor:
         self.by_guid[acc.wework_guid] = acc.id
         self.counts[status] += 1
         self.mass.add(acc.tenant_id)
+        if sup is not None and sup["paused"] and sup.get("paused_reason"):
+            self.paused_reasons[acc.id] = str(sup["paused_reason"])
         if sup is not None and sup.get("status") == row.status:
             acc.entered_at = _ts(sup["entered_at"]) or now
             acc.attempts = int(sup["attempts"] or 0)
@@ -292,7 +310,7 @@ class Supervisor:
             "online_since": to_db_time(acc.online_since),
             "offline_history": list(acc.offline_history),
             "paused": acc.paused,
-            "paused_reason": None,
+            "paused_reason": self.paused_reasons.get(acc.id) if acc.paused else None,
             "last_log_id": None,
             "epoch": 0,
             "updated_at": to_db_time(self.clock.now()),
@@ -324,6 +342,7 @@ class Supervisor:
             self.runner.cancel(account_id)
             self._dirty.pop(account_id, None)
             self._persisted.pop(account_id, None)
+            self.paused_reasons.pop(account_id, None)
             log.info("account %s was deleted from the database; no longer supervised", account_id)
 
     # ---------------------------------------------------------------- Planner (for the door)
@@ -442,6 +461,7 @@ class Supervisor:
             "online_since": to_db_time(online_since),
             "offline_history": list(history),
             "paused": acc.paused,
+            "paused_reason": self.paused_reasons.get(acc.id) if acc.paused else None,
         }
         request = TransitionRequest(
             acc.id,
@@ -498,10 +518,16 @@ class Supervisor:
         if new is State.online:
             acc.last_heartbeat = now
         self._arm(acc, now)
+        if action is not None and action.kind == FAIL:
+            self._fail_reasons[acc.id] = (action.note, effects.alert)
+        elif self._fail_reasons:
+            self._fail_reasons.pop(acc.id, None)
         if effects.call is not None:
             self._calls.put_nowait((effects.call, acc.id))
+        if old is State.recovering:
+            self._slot_freed()
         dropped = change.trigger in (Trigger.heartbeat_lost, Trigger.logged_out)
-        if new is State.offline and dropped and self.mass.record_drop(acc.tenant_id, now):
+        if new is State.offline and dropped and self.mass.record_drop(acc.tenant_id, now, acc.id):
             log.warning(
                 "mass_offline: tenant %s lost many accounts within %gs; recovery paused %gs",
                 acc.tenant_id,
@@ -563,12 +589,15 @@ class Supervisor:
             elif kind in (RECOVER, RETRY_ERROR):
                 self._try_recover(acc, kind, now)
             elif kind == FAIL:
+                why, alert = self._fail_reasons.pop(
+                    acc.id, ("recovery policy gave up (see the previous log row)", None)
+                )
                 self._fire(
                     Change(
                         acc.id,
                         Trigger.fail,
-                        "recovery policy gave up (see the previous log row)",
-                        data={"error": "recovery_gave_up"},
+                        why.removeprefix("fail: "),
+                        data={"error": alert or "recovery_gave_up", "alert": alert},
                         expect_state=acc.status,
                     )
                 )
@@ -592,17 +621,22 @@ class Supervisor:
         # from the states, so it stays right across restarts and outside status changes.
         in_flight = self.counts[State.recovering] + self._recover_pending
         if in_flight >= self.cfg.max_in_flight:
-            self.runner.set(acc.id, now + 1.0 + self.rng.uniform(0, 1.0), kind)
+            # Wait in line instead of polling: a slot freeing up (`_slot_freed`) takes the next.
+            self._recover_queue.append((acc.id, kind, acc.version))
             return
         if not self.limiter.try_take_token(now):
             later = max(self.limiter.next_available(now), now + 0.05)
             self.runner.set(acc.id, later + self.rng.uniform(0, 0.5), kind)
             return
         if kind == RETRY_ERROR:
+            # The attempt counter is kept (RecoveryPolicy.after_error): an account that used up
+            # its attempts gets exactly one try per error_retry_after, never a fast loop.
             cause = f"error retry after {self.cfg.error_retry_after:g}s"
-            data: dict[str, Any] = {"reset_attempts": True}
+            data: dict[str, Any] = {}
         else:
-            cause = f"attempt {acc.attempts + 1}/{self.cfg.max_attempts} after backoff"
+            # The policy counted this attempt when it scheduled it (attempts = the attempt's
+            # number, see RecoveryPolicy.after_offline): +1 here logged "attempt 5/4".
+            cause = f"attempt {acc.attempts}/{self.cfg.max_attempts} after backoff"
             data = {}
         self._recover_pending += 1
         fut = self._fire(Change(acc.id, Trigger.recover, cause, data=data, expect_state=acc.status))
@@ -613,6 +647,18 @@ class Supervisor:
 
     def _recover_done(self, _fut: asyncio.Future[ItemResult]) -> None:
         self._recover_pending -= 1
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A recovery slot may be free: start the accounts waiting in line, oldest first."""
+        now = self.clock.now()
+        queue = self._recover_queue
+        cap = self.cfg.max_in_flight
+        while queue and self.counts[State.recovering] + self._recover_pending < cap:
+            account_id, kind, version = queue.popleft()
+            acc = self.accounts.get(account_id)
+            if acc is not None and acc.version == version and acc.status in _RECOVERABLE:
+                self._try_recover(acc, kind, now)
 
     async def _heartbeat_lost(self, stale: list[Account], now: float) -> None:
         # Other services may write last_heartbeat_at directly: ask the database before declaring
@@ -782,14 +828,20 @@ class Supervisor:
         if not self._dirty:
             return 0
         batch, self._dirty = self._dirty, {}
+        started = time.perf_counter()
         try:
-            return await self.repo.write_heartbeats(batch)
+            written = await self.repo.write_heartbeats(batch)
         except Exception:
             # Keep them for the next flush (newer values win) instead of losing them.
             for account_id, ts in batch.items():
                 if self._dirty.get(account_id, 0.0) < ts:
                     self._dirty[account_id] = ts
+            if self.on_db_error is not None:
+                self.on_db_error("platform")
             raise
+        if self.on_db_time is not None:
+            self.on_db_time("platform", "heartbeat_flush", time.perf_counter() - started)
+        return written
 
     async def poll_db_heartbeats(self, since: float) -> float:
         """Pick up heartbeats other services wrote to last_heartbeat_at; return the watermark."""
@@ -814,6 +866,50 @@ class Supervisor:
     def snapshot_counts(self) -> dict[str, int]:
         return {str(s): self.counts[s] for s in State}
 
+    async def set_paused(self, acc: Account, paused: bool, reason: str | None = None) -> bool:
+        """Pause (maintenance) or resume one account; False when nothing changed.
+
+        Paused means no automatic recovery and no alerts; the status itself does not change and
+        worker events still apply. Only accountd_supervision's paused/paused_reason and the next
+        recovery action are written, so a restart keeps the pause. Resuming re-arms recovery of
+        an offline or error account after the usual backoff.
+        """
+        if acc.paused == paused and (not paused or self.paused_reasons.get(acc.id) == reason):
+            return False
+        now = self.clock.now()
+        acc.paused = paused
+        recovery = (RECOVER, RETRY_ERROR)
+        if paused:
+            if reason:
+                self.paused_reasons[acc.id] = reason[:255]
+            if acc.next_action in recovery:
+                acc.next_action = acc.next_action_at = None
+                self.runner.cancel(acc.id)
+        else:
+            self.paused_reasons.pop(acc.id, None)
+            down = acc.status in (State.offline, State.error)
+            if down and (acc.next_action is None or acc.next_action in recovery):
+                action = self._entry_action(acc, acc.status, now)
+                acc.next_action = action.kind if action else None
+                acc.next_action_at = action.at if action else None
+                self._arm(acc, now)
+        version = acc.version
+        await self._save_pause(acc)
+        # A transition planned before the flag changed may commit after our write, carrying the
+        # old flag in its supervision row: let the door settle (bounded), then write again.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.door.wait_idle(), 2.0)
+        if acc.version != version:
+            await self._save_pause(acc)
+        log.info("account %s %s: %s", acc.id, "paused" if paused else "resumed", reason or "-")
+        return True
+
+    async def _save_pause(self, acc: Account) -> None:
+        row = self._supervision_row(acc)
+        # Not ours to touch outside a transition: the door's last log row and the epoch.
+        del row["last_log_id"], row["epoch"]
+        await self.repo.save_supervision([row])
+
 
 def _ts(value: Any) -> float | None:
     if value is None:
@@ -824,6 +920,8 @@ def _ts(value: Any) -> float | None:
         return from_db_time(value)
     return float(value)
 
+
+_RECOVERABLE = frozenset({State.offline, State.error})
 
 _DEST: dict[Trigger, State] = {
     Trigger.start: State.initializing,
