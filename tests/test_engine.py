@@ -35,9 +35,8 @@ from accountd.daemon.clock import FakeClock
 from accountd.daemon.door import Change
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
-from accountd.daemon.supervisor import Supervisor
+from accountd.daemon.supervisor import Supervisor, TransitionEvent
 from accountd.statemachine import DEADLINE_STATES, State, Trigger, all_pairs, is_legal, next_state
-from accountd.statemachine.account import Account
 
 # ------------------------------------------------------------------------------------ the rig
 
@@ -78,13 +77,23 @@ class Rig:
             rng=random.Random(seed),
             **kwargs,
         )
-        sup.hooks.append(self._record)
+        sup.listeners.append(self._record)
         self._live.append(sup)
         return sup
 
-    def _record(self, acc: Account, old: State, new: State, trigger: Trigger, now: float) -> None:
+    def _record(self, ev: TransitionEvent) -> None:
+        acc = ev.account
         self.moves.append(
-            Moved(acc.id, old, new, trigger, now, acc.attempts, acc.next_action, acc.next_action_at)
+            Moved(
+                acc.id,
+                ev.old,
+                ev.new,
+                ev.trigger,
+                ev.at,
+                acc.attempts,
+                acc.next_action,
+                acc.next_action_at,
+            )
         )
 
     def moves_of(self, account_id: str) -> list[Moved]:

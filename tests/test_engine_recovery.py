@@ -249,7 +249,7 @@ async def test_offline_to_recovering_respects_max_in_flight_and_start_rate(rig: 
     ids = await rig.insert([State.offline] * 8)
     sup = rig.supervisor(cfg)
     in_flight: list[int] = []
-    sup.hooks.append(lambda *_: in_flight.append(sup.counts[State.recovering]))
+    sup.listeners.append(lambda _ev: in_flight.append(sup.counts[State.recovering]))
     await sup.load()  # each offline account gets its first recover within base = 1 s
     t0 = rig.clock.now()
     await sup.start()

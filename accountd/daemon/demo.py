@@ -26,10 +26,9 @@ from accountd.adapters.schema import tenants, wework_accounts
 from accountd.daemon.app import Daemon
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.daemon.simulator_sessions import SimulatorConfig
+from accountd.daemon.supervisor import TransitionEvent, TransitionListener
 from accountd.logs import register_secret
 from accountd.settings import Settings
-from accountd.statemachine import State, Trigger
-from accountd.statemachine.account import Account
 
 log = logging.getLogger("accountd.demo")
 
@@ -105,11 +104,12 @@ async def seed(urls: dict[str, str], accounts: int) -> None:
             await conn.execute(insert(wework_accounts), account_rows)
 
 
-def _transition_printer(names: dict[str, str]) -> object:
-    def hook(acc: Account, old: State, new: State, trigger: Trigger, _now: float) -> None:
-        log.info("%-10s %-15s → %-15s (%s)", names.get(acc.id, acc.id[:8]), old, new, trigger)
+def _transition_printer(names: dict[str, str]) -> TransitionListener:
+    def show(ev: TransitionEvent) -> None:
+        name = names.get(ev.account.id, ev.account.id[:8])
+        log.info("%-10s %-15s → %-15s (%s)", name, ev.old, ev.new, ev.trigger)
 
-    return hook
+    return show
 
 
 def _prepare(state_dir: Path, token: str) -> Path:
@@ -156,7 +156,7 @@ async def _demo(accounts: int, base: Settings, state_dir: Path, token: str) -> i
     async def on_ready(daemon: Daemon) -> None:
         assert daemon.supervisor is not None
         names = {a.id: f"{a.wework_guid[-9:]}" for a in daemon.supervisor.accounts.values()}
-        daemon.supervisor.hooks.append(_transition_printer(names))  # type: ignore[arg-type]
+        daemon.supervisor.listeners.append(_transition_printer(names))
         print(
             "\naccountd demo is running (Ctrl-C to stop)\n"
             f"  databases      {state_dir}/{{core,platform,analytics}}.db (SQLite)\n"

@@ -43,7 +43,7 @@ from accountd.daemon.policy import (
 )
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
 from accountd.errors import Overloaded, WorkerRejected, WorkerTransient
-from accountd.statemachine import State, Trigger
+from accountd.statemachine import TRANSITIONS, State, Trigger
 from accountd.statemachine.account import Account
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ RETRY_ERROR = "retry_error"  # error: error_retry_after elapsed → `recover` wi
 FAIL = "fail"  # the recovery policy gave up → `fail`
 START = "start"  # created: ask the worker to open a session → `start`
 
-# A hook called after every committed transition: (account, old, new, trigger, now).
-TransitionHook = Callable[[Account, State, State, Trigger, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +148,6 @@ class Supervisor:
             cooldown=cfg.mass_offline_cooldown,
             min_drops=cfg.mass_offline_min_drops,
         )
-        self.hooks: list[TransitionHook] = []
         # Listeners run after the commit, in the committer task: they must be quick and must
         # not raise (metrics, alert bookkeeping); slow work belongs in their own tasks.
         self.listeners: list[TransitionListener] = []
@@ -539,8 +536,6 @@ class Supervisor:
             )
             for group_listener in self.group_listeners:
                 group_listener(group_event)
-        for hook in self.hooks:
-            hook(acc, old, new, change.trigger, now)
         if self.listeners:
             event = TransitionEvent(
                 acc,
@@ -923,19 +918,12 @@ def _ts(value: Any) -> float | None:
 
 _RECOVERABLE = frozenset({State.offline, State.error})
 
+# Where each trigger (but `force`) leads, from the one table: to tell a repeated event
+# (`verified` while already online) from a genuinely illegal one.
 _DEST: dict[Trigger, State] = {
-    Trigger.start: State.initializing,
-    Trigger.qr_ready: State.waiting_qr,
-    Trigger.qr_scanned: State.waiting_confirm,
-    Trigger.confirmed: State.verifying,
-    Trigger.verified: State.online,
-    Trigger.heartbeat_lost: State.offline,
-    Trigger.logged_out: State.offline,
-    Trigger.timeout: State.offline,
-    Trigger.recover: State.recovering,
-    Trigger.recovered: State.online,
-    Trigger.relogin_required: State.initializing,
-    Trigger.fail: State.error,
+    Trigger(row["trigger"]): State(row["dest"])
+    for row in TRANSITIONS
+    if row["trigger"] != Trigger.force.value
 }
 
 
