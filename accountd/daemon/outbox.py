@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 log = logging.getLogger(__name__)
@@ -129,7 +135,7 @@ class Outbox:
                     queue.popleft()
                     self.dropped += 1
                     continue
-            except (OperationalError, DBAPIError, OSError) as exc:
+            except (OperationalError, InterfaceError, OSError) as exc:
                 item.tries += 1
                 self.healthy[key] = False
                 if self.on_error is not None:
@@ -144,6 +150,12 @@ class Outbox:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+                continue
+            except (DBAPIError, StatementError) as exc:
+                # Bad data or a bad statement: retrying cannot help and would block the queue.
+                log.error("outbox %s: %s refused for good: %s", key, item.label, exc)
+                queue.popleft()
+                self.dropped += 1
                 continue
             queue.popleft()
             self.written += 1
