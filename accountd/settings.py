@@ -39,8 +39,9 @@ from accountd.errors import ConfigError
 
 ENV_PREFIX = "ACCOUNTD_"
 # Variables under these prefixes belong to the test suite and the benchmarks, not to the config
-# (``ACCOUNTD_TEST_MYSQL_URL``); every other ACCOUNTD_* variable must name a real key.
-ENV_RESERVED_PREFIXES: tuple[str, ...] = ("ACCOUNTD_TEST_", "ACCOUNTD_BENCH_")
+# (``ACCOUNTD_TEST_MYSQL_URL``), and ``ACCOUNTD_SOCKET`` to accountctl (which socket to talk to);
+# every other ACCOUNTD_* variable must name a real key.
+ENV_RESERVED_PREFIXES: tuple[str, ...] = ("ACCOUNTD_TEST_", "ACCOUNTD_BENCH_", "ACCOUNTD_SOCKET")
 DEFAULT_STATE_DIR = Path("./var")
 SUPPORTED_DRIVERS: tuple[str, ...] = ("sqlite+aiosqlite", "mysql+aiomysql")
 MASK = "***"
@@ -227,6 +228,9 @@ class IngestSettings(_Listener):
 class MetricsSettings(_Listener):
     listen: ListenAddress = "127.0.0.1:9464"
     per_tenant: bool = False
+    refresh_interval: Seconds = 5
+    ping_interval: Seconds = 10
+    heartbeat_sample: Count = 20_000
 
 
 class WorkerSettings(_Section):
@@ -296,6 +300,39 @@ class RetentionSettings(_Section):
     partitions_ahead: Count = 2
 
 
+SnapshotMetric = Literal[
+    "heartbeat_age_seconds", "online_seconds", "recoveries", "recovery_attempts", "transitions"
+]
+
+
+def _check_hhmm(value: str) -> str:
+    hours, sep, minutes = value.partition(":")
+    if not sep or not (hours.isdigit() and minutes.isdigit()) or len(minutes) != 2:
+        raise ValueError("expected HH:MM (UTC), e.g. '00:10'")
+    if not (0 <= int(hours) <= 23 and 0 <= int(minutes) <= 59):
+        raise ValueError(f"{value!r} is not a time of day")
+    return value
+
+
+class MonitoringSettings(_Section):
+    """Alerts (system_alerts), snapshots (account_metrics), rollup, partition upkeep."""
+
+    alerts: bool = True
+    db_check_interval: Seconds = 10
+    db_down_after: SecondsOrZero = 30
+    snapshot_interval: SecondsOrZero = 300  # 0 = off
+    snapshot_metrics: list[SnapshotMetric] = [
+        "heartbeat_age_seconds",
+        "online_seconds",
+        "recoveries",
+    ]
+    snapshot_chunk: Count = 1000
+    rollup: bool = True
+    rollup_time: Annotated[str, AfterValidator(_check_hhmm)] = "00:10"
+    rollup_check_interval: Seconds = 600
+    partition_upkeep_interval: SecondsOrZero = 3600  # 0 = off
+
+
 # --------------------------------------------------------------------------- the whole
 
 
@@ -312,6 +349,7 @@ class Settings(_Section):
     supervisor: SupervisorSettings = SupervisorSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
     _source_path: Path | None = PrivateAttr(default=None)
 

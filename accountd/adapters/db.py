@@ -70,8 +70,7 @@ def make_engine(url: str | URL, pool: PoolSettings | None = None) -> AsyncEngine
         connect_args: dict[str, Any] = {
             # UTC for TIMESTAMP conversion; strict mode so a bad ENUM value is an error, not ''.
             "init_command": (
-                "SET time_zone = '+00:00', "
-                "sql_mode = CONCAT(@@sql_mode, ',STRICT_TRANS_TABLES')"
+                "SET time_zone = '+00:00', sql_mode = CONCAT(@@sql_mode, ',STRICT_TRANS_TABLES')"
             ),
             "connect_timeout": pool.connect_timeout,
             "charset": "utf8mb4",

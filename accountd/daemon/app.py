@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -20,19 +21,34 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
 from accountd.adapters import migrate
-from accountd.adapters.db import Databases
+from accountd.adapters.db import DATABASE_KEYS, Databases
 from accountd.adapters.repository import AccountRepository
 from accountd.adapters.worker import WorkerClient
+from accountd.daemon.alerts import AlertManager
 from accountd.daemon.clock import Clock, SystemClock
+from accountd.daemon.control import ControlServer
 from accountd.daemon.ingest import IngestServer, make_ingest_app
 from accountd.daemon.lease import Lease, LeaseHeld, LeaseLost
+from accountd.daemon.metrics import Metrics
+from accountd.daemon.metrics_http import serve_metrics
+from accountd.daemon.monitoring import Monitoring, start_monitoring
+from accountd.daemon.notify import Notifier, Ticker, watchdog_interval
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
-from accountd.settings import Settings, load_settings
+from accountd.logs import setup_logging
+from accountd.settings import (
+    DeadlinesSettings,
+    LoggingSettings,
+    RecoverySettings,
+    Settings,
+    load_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +81,21 @@ def policy_config(settings: Settings) -> PolicyConfig:
     )
 
 
-# Settings that can change on SIGHUP without a restart. Everything else is reported and kept.
-LIVE_SECTIONS = ("heartbeat", "deadlines", "recovery", "logging")
+# Settings that can change on SIGHUP without a restart: exactly what `Supervisor.reconfigure`
+# and `setup_logging` consume. Everything else (databases, listen addresses, the control socket,
+# intervals the scheduler was built with, ...) is reported and the running value kept.
+LIVE_KEYS: frozenset[str] = frozenset(
+    {
+        "heartbeat.timeout",
+        *(f"deadlines.{key}" for key in DeadlinesSettings.model_fields),
+        *(f"recovery.{key}" for key in RecoverySettings.model_fields),
+        *(f"logging.{key}" for key in LoggingSettings.model_fields),
+    }
+)
+# systemd STATUS= refresh; each database ping inside it is bounded so a hung server cannot hold
+# the line (the watchdog has its own task and never waits on a database).
+STATUS_INTERVAL = 5.0
+STATUS_DB_TIMEOUT = 2.0
 
 
 class Daemon:
@@ -79,19 +108,32 @@ class Daemon:
         clock: Clock | None = None,
         config_path: Path | None = None,
         on_ready: Callable[[Daemon], Awaitable[None]] | None = None,
+        notifier: Notifier | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.notifier = notifier if notifier is not None else Notifier()
         self.clock = clock or SystemClock()
         self.config_path = config_path if config_path is not None else settings.source_path
         self.on_ready = on_ready
         self.supervisor: Supervisor | None = None
         self.outbox: Outbox | None = None
+        self.alerts: AlertManager | None = None  # system_alerts; active_counts() for metrics
+        self.monitoring: Monitoring | None = None  # snapshots, rollup, partition upkeep
         self.databases: Databases | None = None
         self.ingest_port: int | None = None
+        self.started_at = self.clock.now()  # uptime in `accountctl status`
+        self.control_socket: Path | None = None
+        # One registry per daemon (tests pass a fresh one): never prometheus_client's global.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
         self.ready = False
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        # SIGHUP and `accountctl reload` may overlap: one reload at a time, each complete.
+        self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
         self._job_tasks: set[asyncio.Task[Any]] = set()
 
@@ -128,20 +170,39 @@ class Daemon:
                 await self._start(stack)
                 await self._main_loop()
                 log.info("shutting down")
+                self.notifier.stopping("stopping: draining in-flight transitions")
         except (LeaseHeld, DatabaseUnavailable, ConfigError) as exc:
             log.error("%s", exc)
             return 1
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            self.notifier.close()
         return self.exit_code
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
+        # First in, last out: the loop pings systemd's watchdog through start-up and shutdown.
+        interval = watchdog_interval()
+        if interval is not None and self.notifier.enabled:
+            watchdog = Ticker("sd-watchdog", interval, self._ping_watchdog)
+            await watchdog.start()
+            stack.push_async_callback(watchdog.stop)
+        # Metrics and health first, so /healthz answers while databases and accounts load.
+        metrics = self.metrics = Metrics(
+            self.registry,
+            self.clock,
+            s.metrics,
+            is_ready=lambda: self.ready,
+            alerts=lambda: self.alerts,
+        )
+        self.metrics_port = await serve_metrics(stack, metrics, s.metrics.host, s.metrics.port)
         dbs = Databases(s.database_urls(), s.pool())
         stack.push_async_callback(dbs.dispose)
         self.databases = dbs
         await dbs.check_all()
+        await metrics.watch(dbs)
+        stack.push_async_callback(metrics.unwatch)  # before dbs.dispose: no ping after it
         await self._check_schema()
 
         lease = Lease(dbs.platform)
@@ -171,7 +232,16 @@ class Daemon:
             startup_grace=s.heartbeat.startup_grace,
         )
         self.supervisor = sup
+        metrics.attach(supervisor=sup, outbox=self.outbox)
         await sup.load()
+        # Alerts (loaded and reconciled with the accounts) and monitoring subscribe before the
+        # supervisor starts, so no transition goes unseen; their jobs join the scheduler below.
+        self.monitoring = await start_monitoring(s, dbs.engines, sup, self.outbox, self.clock)
+        self.alerts = self.monitoring.alerts
+        # The loaded accounts live as long as the process: move them out of the collector's
+        # generations so a full collection does not walk a million objects (pauses of 100s of ms).
+        gc.collect()
+        gc.freeze()
         await sup.start()
         stack.push_async_callback(sup.stop, s.supervisor.shutdown_timeout)
 
@@ -191,7 +261,13 @@ class Daemon:
         self.ingest_port = await ingest.start(s.ingest.host, s.ingest.port)
         stack.push_async_callback(ingest.stop)
 
+        # Admin input (accountctl): once the accounts are loaded; stopped before the supervisor.
+        control = ControlServer(self, s.control)
+        self.control_socket = await control.start()
+        stack.push_async_callback(control.stop)
+
         self.ready = True
+        stack.callback(metrics.mark_stopping)  # first thing at shutdown: /readyz says 503
         log.info(
             "ready: %d accounts, ingest on %s:%d, worker %s",
             len(sup.accounts),
@@ -199,6 +275,11 @@ class Daemon:
             self.ingest_port,
             s.worker.url,
         )
+        self.notifier.ready(await self.status_line())
+        if self.notifier.enabled:
+            status = Ticker("sd-status", STATUS_INTERVAL, self._send_status)
+            await status.start()
+            stack.push_async_callback(status.stop)
         if self.on_ready is not None:
             await self.on_ready(self)
 
@@ -226,31 +307,81 @@ class Daemon:
                         await fut
             if self._reload.is_set() and not self._stop.is_set():
                 self._reload.clear()
-                self.reload()
+                await self.reload()
 
     # ---------------------------------------------------------------- reload
 
-    def reload(self) -> list[str]:
-        """Re-read the config; apply what can change live, report the rest. Returns notes."""
-        notes: list[str] = []
+    async def reload(self) -> list[str]:
+        """Re-read the config; apply what can change live, report the rest. Returns notes.
+
+        A config that does not load is refused as a whole (the running one stays); otherwise
+        the live keys are applied together and every other changed key is reported by name
+        (never by value: URLs carry passwords) and kept at its running value.
+        """
+        async with self._reload_lock:
+            self.notifier.reloading("reloading the configuration")
+            try:
+                return await self._reload_config()
+            finally:
+                self.notifier.ready(await self.status_line())
+
+    async def _reload_config(self) -> list[str]:
         try:
-            new = load_settings(self.config_path)
+            # load_settings reads the file: blocking I/O stays off the event loop.
+            new = await asyncio.to_thread(load_settings, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return [str(exc)]
         old = self.settings
-        for section in type(old).model_fields:
-            if getattr(old, section) == getattr(new, section) or section in LIVE_SECTIONS:
-                continue
-            notes.append(f"{section}: changed, needs a restart to apply; the old value is kept")
+        changed = changed_keys(old, new)
+        live = [key for key in changed if key in LIVE_KEYS]
+        notes = [
+            f"{key}: changed, needs a restart to apply; the running value is kept"
+            for key in changed
+            if key not in LIVE_KEYS
+        ]
+        updates: dict[str, dict[str, Any]] = {}
+        for key in live:
+            section, _, name = key.partition(".")
+            updates.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+        self.settings = old.model_copy(
+            update={
+                section: getattr(old, section).model_copy(update=values)
+                for section, values in updates.items()
+            }
+        )
         if self.supervisor is not None:
-            self.supervisor.reconfigure(policy_config(new))
-        merged = old.model_copy(update={k: getattr(new, k) for k in LIVE_SECTIONS})
-        self.settings = merged
+            self.supervisor.reconfigure(policy_config(self.settings))
+        if any(key.startswith("logging.") for key in live):
+            setup_logging(self.settings.logging.level, self.settings.logging.format)
         for note in notes:
             log.warning("reload: %s", note)
-        log.info("reload: heartbeat, deadlines, recovery and logging settings applied")
+        log.info("reload: applied %s", ", ".join(live) if live else "nothing (no live key changed)")
         return notes
+
+    # ---------------------------------------------------------------- systemd
+
+    async def status_line(self) -> str:
+        """The STATUS= line for `systemctl status`: accounts per state, database reachability."""
+        sup, dbs = self.supervisor, self.databases
+        if sup is None or dbs is None or not self.ready:
+            return "starting"
+        per_state = " ".join(f"{state}={n}" for state, n in sup.snapshot_counts().items() if n)
+        down: list[str] = []
+        for key in DATABASE_KEYS:
+            try:
+                async with asyncio.timeout(STATUS_DB_TIMEOUT):
+                    await dbs.ping(key)
+            except (DatabaseUnavailable, TimeoutError):
+                down.append(key)
+        db = f"db down: {', '.join(down)}" if down else "db ok"
+        return f"{len(sup.accounts)} accounts: {per_state or 'none'}; {db}"
+
+    async def _send_status(self) -> None:
+        self.notifier.status(await self.status_line())
+
+    async def _ping_watchdog(self) -> None:
+        self.notifier.watchdog()
 
     # ---------------------------------------------------------------- periodic jobs
 
@@ -290,6 +421,8 @@ class Daemon:
             (removed_rows, 300.0),
             (renew, lease.ttl / 3),
         ]
+        if self.monitoring is not None:
+            jobs.extend(self.monitoring.jobs())
         for fn, seconds in jobs:
             scheduler.add_job(
                 self._guarded(fn),
@@ -330,6 +463,22 @@ class Daemon:
             for task in pending:
                 log.warning("job task %s still running at shutdown; cancelling", task.get_name())
                 task.cancel()
+
+
+def changed_keys(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys (``section.key``, or a top-level key) whose values differ."""
+    changed: list[str] = []
+    for name in type(old).model_fields:
+        a, b = getattr(old, name), getattr(new, name)
+        if isinstance(a, BaseModel) and isinstance(b, BaseModel):
+            changed.extend(
+                f"{name}.{key}"
+                for key in type(a).model_fields
+                if getattr(a, key) != getattr(b, key)
+            )
+        elif a != b:
+            changed.append(name)
+    return changed
 
 
 def run_daemon(settings: Settings) -> int:

@@ -42,6 +42,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _metrics_listen(base: Settings) -> str:
+    """The configured metrics address if it is free, else any free loopback port."""
+    host, port = base.metrics.host, base.metrics.port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return "127.0.0.1:0"
+    return base.metrics.listen
+
+
 def demo_settings(
     base: Settings, state_dir: Path, ingest_port: int, worker_url: str, token: str
 ) -> Settings:
@@ -51,6 +62,7 @@ def demo_settings(
             **base.model_dump(mode="python", exclude={"databases", "state_dir", "control"}),
             "state_dir": state_dir,
             "ingest": {"listen": f"127.0.0.1:{ingest_port}", "token": token},
+            "metrics": {**base.metrics.model_dump(), "listen": _metrics_listen(base)},
             "worker": {"url": worker_url, "timeout": 2},
             "heartbeat": {"timeout": 6, "persist_interval": 3, "startup_grace": 6},
             "deadlines": {
@@ -163,6 +175,8 @@ async def _demo(accounts: int, base: Settings, state_dir: Path, token: str) -> i
             f"  ingest         http://127.0.0.1:{daemon.ingest_port}  "
             f"(bearer token in {token_file})\n"
             f"  worker sim     {worker_url}  (GET /sim/sessions, POST /sim/sessions/ID/drop)\n"
+            f"  metrics        http://127.0.0.1:{daemon.metrics_port}/metrics  (and /readyz)\n"
+            f"  control socket {daemon.control_socket}  (try: .venv/bin/accountctl status)\n"
             f"  accounts       {accounts} across tenants {', '.join(TENANTS)}\n",
             flush=True,
         )

@@ -21,9 +21,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -41,6 +41,8 @@ from accountd.statemachine import State, Trigger, next_state
 from accountd.statemachine.account import Account
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How often a change whose compare-and-set keeps losing is re-decided before we give up on it.
 MAX_CONFLICT_RETRIES = 3
@@ -62,6 +64,24 @@ class Change:
     expect_version: int | None = None
     future: asyncio.Future[ItemResult] | None = None
     retries: int = 0
+
+
+@dataclass(slots=True)
+class _Exclusive:
+    """A job the committer runs alone (see `Door.exclusive`)."""
+
+    fn: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+    async def run(self) -> None:
+        try:
+            result = await self.fn()
+        except Exception as exc:  # handed to the caller, who decides what it means
+            if not self.future.done():
+                self.future.set_exception(exc)
+        else:
+            if not self.future.done():
+                self.future.set_result(result)
 
 
 @dataclass(slots=True)
@@ -125,7 +145,7 @@ class Door:
         self.planner = planner
         self.batch_size = batch_size
         self.max_pending = max_pending
-        self._queue: deque[Change] = deque()
+        self._queue: deque[Change | _Exclusive] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -158,6 +178,21 @@ class Door:
         if len(self._queue) + len(changes) > self.max_pending:
             raise Overloaded(1.0, f"{len(self._queue)} changes already pending")
         return [self.fire(c) for c in changes]
+
+    async def exclusive(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` in the committer task, between batches, and return its result.
+
+        For writes of supervision state that are not transitions (an admin's pause): they go
+        through the same single writer, so no batch planned with the old value can commit after
+        them and undo them.
+        """
+        if self._stopping:
+            raise Overloaded(5.0, "accountd is shutting down")
+        item: _Exclusive = _Exclusive(fn, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self._idle.clear()
+        self._wakeup.set()
+        return cast(T, await item.future)
 
     @property
     def pending(self) -> int:
@@ -192,9 +227,9 @@ class Door:
                 await self._task
             self._task = None
         while self._queue:  # whatever is left is refused, never silently dropped
-            change = self._queue.popleft()
-            if change.future is not None and not change.future.done():
-                change.future.set_exception(Overloaded(5.0, "accountd stopped"))
+            item = self._queue.popleft()
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(Overloaded(5.0, "accountd stopped"))
 
     # -- the committer -------------------------------------------------------------------
 
@@ -205,6 +240,11 @@ class Door:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            head = self._queue[0]
+            if isinstance(head, _Exclusive):
+                self._queue.popleft()
+                await head.run()
                 continue
             batch = self._take_batch()
             try:
@@ -228,7 +268,10 @@ class Door:
         seen: set[str] = set()
         deferred: list[Change] = []
         while self._queue and len(batch) < self.batch_size:
+            if isinstance(self._queue[0], _Exclusive):
+                break  # runs alone, after this batch
             change = self._queue.popleft()
+            assert isinstance(change, Change)
             if change.account_id in seen:
                 deferred.append(change)
             else:

@@ -57,7 +57,6 @@ FAIL = "fail"  # the recovery policy gave up → `fail`
 START = "start"  # created: ask the worker to open a session → `start`
 
 
-
 @dataclass(frozen=True, slots=True)
 class TransitionEvent:
     """What listeners (metrics, alerts, the demo's printer) learn about a committed transition."""
@@ -385,6 +384,10 @@ class Supervisor:
         decision: RecoveryDecision | None = None
         action: Action | None = None
 
+        if trigger is Trigger.recover and data.get("reset_attempts"):
+            # An admin's `recover` is a deliberate fresh start: a new recovery and QR budget.
+            attempts = 0
+            qr = 0
         if trigger is Trigger.qr_ready:
             qr_decision = self.policy.on_qr_ready(acc, now)
             if qr_decision.trigger is Trigger.fail:
@@ -865,45 +868,48 @@ class Supervisor:
         """Pause (maintenance) or resume one account; False when nothing changed.
 
         Paused means no automatic recovery and no alerts; the status itself does not change and
-        worker events still apply. Only accountd_supervision's paused/paused_reason and the next
-        recovery action are written, so a restart keeps the pause. Resuming re-arms recovery of
-        an offline or error account after the usual backoff.
+        worker events still apply. The flag is written to accountd_supervision (so a restart
+        keeps it) by the door's committer, between batches: the one writer of supervision state,
+        so no transition planned with the old flag can commit after it. Resuming re-arms the
+        recovery of an offline or error account after the usual backoff.
         """
+        return await self.door.exclusive(lambda: self._apply_pause(acc, paused, reason))
+
+    async def _apply_pause(self, acc: Account, paused: bool, reason: str | None) -> bool:
         if acc.paused == paused and (not paused or self.paused_reasons.get(acc.id) == reason):
             return False
         now = self.clock.now()
-        acc.paused = paused
         recovery = (RECOVER, RETRY_ERROR)
-        if paused:
-            if reason:
-                self.paused_reasons[acc.id] = reason[:255]
-            if acc.next_action in recovery:
-                acc.next_action = acc.next_action_at = None
-                self.runner.cancel(acc.id)
-        else:
-            self.paused_reasons.pop(acc.id, None)
-            down = acc.status in (State.offline, State.error)
-            if down and (acc.next_action is None or acc.next_action in recovery):
-                action = self._entry_action(acc, acc.status, now)
-                acc.next_action = action.kind if action else None
-                acc.next_action_at = action.at if action else None
-                self._arm(acc, now)
-        version = acc.version
-        await self._save_pause(acc)
-        # A transition planned before the flag changed may commit after our write, carrying the
-        # old flag in its supervision row: let the door settle (bounded), then write again.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.door.wait_idle(), 2.0)
-        if acc.version != version:
-            await self._save_pause(acc)
-        log.info("account %s %s: %s", acc.id, "paused" if paused else "resumed", reason or "-")
-        return True
-
-    async def _save_pause(self, acc: Account) -> None:
+        next_action, next_action_at = acc.next_action, acc.next_action_at
+        if paused and next_action in recovery:
+            next_action = next_action_at = None
+        elif not paused and acc.status in _RECOVERABLE and next_action in (None, *recovery):
+            saved = acc.paused
+            acc.paused = False  # _entry_action mutes recovery of paused accounts
+            action = self._entry_action(acc, acc.status, now)
+            acc.paused = saved
+            next_action = action.kind if action else None
+            next_action_at = action.at if action else None
         row = self._supervision_row(acc)
+        row.update(
+            paused=paused,
+            paused_reason=reason[:255] if paused and reason else None,
+            next_action=next_action,
+            next_action_at=to_db_time(next_action_at),
+        )
         # Not ours to touch outside a transition: the door's last log row and the epoch.
         del row["last_log_id"], row["epoch"]
         await self.repo.save_supervision([row])
+        # Written: now memory follows.
+        acc.paused = paused
+        if paused and reason:
+            self.paused_reasons[acc.id] = reason[:255]
+        else:
+            self.paused_reasons.pop(acc.id, None)
+        acc.next_action, acc.next_action_at = next_action, next_action_at
+        self._arm(acc, now)
+        log.info("account %s %s: %s", acc.id, "paused" if paused else "resumed", reason or "-")
+        return True
 
 
 def _ts(value: Any) -> float | None:
