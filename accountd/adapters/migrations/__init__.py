@@ -21,3 +21,45 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent
 
 def script_location(database: str) -> Path:
     return MIGRATIONS_DIR / database
+
+
+def create_initial(database: str) -> None:
+    """Body of each database's first revision: its seed tables (and ours), partitioned on MySQL.
+
+    Creates the tables from `accountd.adapters.schema.METADATA[database]` as it stands, which
+    is right only while that MetaData *is* the first revision: before the first schema change
+    lands, the initial revisions must be frozen (``create_all`` replaced by the equivalent
+    ``op.create_table`` calls), or a fresh database would get the new columns here and then
+    fail in the revision that adds them.
+    """
+    from datetime import UTC, datetime
+
+    from alembic import op
+
+    from accountd.adapters.partitions import (
+        initial_partitions,
+        partition_by_sql,
+        partitioned_tables,
+    )
+    from accountd.adapters.schema import METADATA
+
+    bind = op.get_bind()
+    # checkfirst=False: a database that already holds these tables (say, from running the seed
+    # by hand) must fail loudly rather than be adopted half-checked; ``alembic stamp`` is the
+    # deliberate way to adopt one.
+    METADATA[database].create_all(bind, checkfirst=False)
+    if bind.dialect.name in ("mysql", "mariadb"):
+        # Partitioned after CREATE TABLE, as the seed's strategy section asks; boundaries in UTC.
+        today = datetime.now(UTC).date()
+        for spec in partitioned_tables(database):
+            op.execute(partition_by_sql(spec, initial_partitions(spec, today)))
+    # SQLite: the updated_at triggers come with CREATE TABLE (DDL events on the tables).
+
+
+def drop_initial(database: str) -> None:
+    """The seed's rollback: drop everything the first revision created (triggers included)."""
+    from alembic import op
+
+    from accountd.adapters.schema import METADATA
+
+    METADATA[database].drop_all(op.get_bind(), checkfirst=True)
