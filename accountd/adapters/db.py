@@ -82,6 +82,10 @@ def make_engine(url: str | URL, pool: PoolSettings | None = None) -> AsyncEngine
             pool_timeout=pool.timeout,
             pool_recycle=int(pool.recycle),
             pool_pre_ping=True,
+            # Our writes lock exactly the rows they change (SELECT … FOR UPDATE by primary key);
+            # REPEATABLE READ would add gap locks that deadlock against other services'
+            # INSERTs of new accounts and against the heartbeat flush.
+            isolation_level="READ COMMITTED",
             connect_args=connect_args,
         )
     raise ValueError(f"unsupported database backend {backend!r} in {safe_url(u)}")

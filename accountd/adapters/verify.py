@@ -411,8 +411,12 @@ async def verify(
             mine = [s for s in specs if s.database == key]
             if not mine:
                 continue
-            # One connection (one snapshot on InnoDB) for all checks of this database.
-            async with dbs.engines[key].connect() as conn:
+            # One connection and one REPEATABLE READ transaction (one InnoDB snapshot) for all
+            # checks of this database; the daemon's own engines use READ COMMITTED.
+            engine = dbs.engines[key]
+            if engine.dialect.name == "mysql":
+                engine = engine.execution_options(isolation_level="REPEATABLE READ")
+            async with engine.connect() as conn:
                 checks.extend([await _run_query_check(conn, s, limit) for s in mine])
         for ref in _REF_CHECKS:
             checks.append(
