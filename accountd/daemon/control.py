@@ -90,6 +90,10 @@ from accountd.statemachine.account import Account
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+# aiohttp bounds neither how long a body may take to arrive nor (beyond an hour of keep-alive)
+# how long headers may trickle in; a client dribbling bytes would hold a handler forever.
+REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT_CODE = "request_timeout"  # 408; accountctl exit 1 (docs/control-api.md)
 COMMIT_TIMEOUT = 30.0
 DB_TIMEOUT = 5.0
 DEFAULT_LIMIT = 100
@@ -120,10 +124,16 @@ class ControlServer:
     """Serves the control API on ``[control] socket``; `start` after the supervisor is loaded."""
 
     def __init__(
-        self, host: ControlHost, settings: ControlSettings, *, version: str | None = None
+        self,
+        host: ControlHost,
+        settings: ControlSettings,
+        *,
+        version: str | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.host = host
         self.settings = settings
+        self.request_timeout = request_timeout
         self.path = Path(settings.socket)
         self.version = version or _package_version()
         self._runner: web.AppRunner | None = None
@@ -132,8 +142,22 @@ class ControlServer:
     async def start(self) -> Path:
         sock = await bind_control_socket(self.path, group=self.settings.group)
         self._inode = inode_of(self.path)
-        app = make_control_app(self.host, Acl.from_settings(self.settings), version=self.version)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+        app = make_control_app(
+            self.host,
+            Acl.from_settings(self.settings),
+            version=self.version,
+            request_timeout=self.request_timeout,
+        )
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=5.0,
+            # The keep-alive timer runs until a complete request head has arrived: it is what
+            # closes a connection whose headers trickle in (aiohttp's default is an hour).
+            keepalive_timeout=self.request_timeout,
+            lingering_time=min(5.0, self.request_timeout),
+        )
         try:
             await runner.setup()
             # A SockSite over the socket we bound ourselves (not UnixSite, which binds by path
@@ -156,9 +180,13 @@ class ControlServer:
         self._inode = None
 
 
-def make_control_app(host: ControlHost, acl: Acl, *, version: str) -> web.Application:
+def make_control_app(
+    host: ControlHost, acl: Acl, *, version: str, request_timeout: float = REQUEST_TIMEOUT
+) -> web.Application:
     api = _Api(host, version)
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_boundary(acl)])
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[_boundary(acl, request_timeout)]
+    )
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/v1/accounts", api.list_accounts)
     app.router.add_get("/v1/accounts/{ref}", api.show)
@@ -176,7 +204,7 @@ def _peer(request: web.Request) -> Peer | None:
     return peer_of(transport.get_extra_info("socket")) if transport is not None else None
 
 
-def _boundary(acl: Acl) -> Middleware:
+def _boundary(acl: Acl, request_timeout: float) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -189,10 +217,14 @@ def _boundary(acl: Acl) -> Middleware:
             if role_of(peer, acl) < needed:
                 what = "use the control socket" if needed is Role.readonly else "change anything"
                 raise fail(PERMISSION_DENIED, f"uid {peer.uid} may not {what}")
+            if request.can_read_body:
+                await _read_body(request, request_timeout)  # cached for the handler's read()
             response = await handler(request)
         except ControlError as exc:
             code = exc.code
             response = error_response(exc.code, exc.message, exc.http_status)
+            if exc.code == REQUEST_TIMEOUT_CODE:
+                response.force_close()  # a client this slow gets no second request on it
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -223,6 +255,21 @@ def _boundary(acl: Acl) -> Middleware:
         return response
 
     return middleware
+
+
+async def _read_body(request: web.Request, limit: float) -> None:
+    try:
+        async with asyncio.timeout(limit):
+            await request.read()
+    except TimeoutError:
+        raise ControlError(
+            REQUEST_TIMEOUT_CODE,
+            f"request body not received within {limit:g}s",
+            http_status=408,
+        ) from None
+    except ConnectionResetError:
+        # The client hung up mid-body: not our failure (one log line, no traceback).
+        raise fail(BAD_REQUEST, "connection closed before the body was complete") from None
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -426,7 +473,17 @@ class _Api:
         peer = _peer(request)
         assert peer is not None  # the middleware refused the request otherwise
         old = acc.status
-        change = Change(acc.id, Trigger.force, reason, target=target, operator_id=peer.operator_id)
+        # A compare-and-set on the state the admin's request found: if a worker event moves the
+        # account while the force waits in the door, the force is refused as `conflict` (look
+        # again) instead of applying from a state nobody saw, and the answer's "from" is true.
+        change = Change(
+            acc.id,
+            Trigger.force,
+            reason,
+            target=target,
+            operator_id=peer.operator_id,
+            expect_state=old,
+        )
         answer: dict[str, Any] = {
             "account_id": acc.id,
             "from": str(old),

@@ -86,7 +86,7 @@ async def json_body(
     else:
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSON/UTF-8 errors, digit limit, nesting
             raise fail(BAD_REQUEST, f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise fail(BAD_REQUEST, "body must be a JSON object")
@@ -109,6 +109,10 @@ def parse_reason(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise fail(BAD_REQUEST, "reason: a non-empty text is required")
     text = " ".join(value.split())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" in the JSON: no database column can store it
+        raise fail(BAD_REQUEST, "reason: contains an unpaired UTF-16 surrogate") from None
     if len(text) > MAX_REASON:
         raise fail(BAD_REQUEST, f"reason: at most {MAX_REASON} characters")
     return text

@@ -153,6 +153,16 @@ class WorkerSimulator:
         self._wake.set()
         return found
 
+    def call_counts(self, call: str) -> dict[str, int]:
+        """account_id → how many ``call`` ("open" or "resume") requests the daemon made."""
+        return {aid: n for (kind, aid), n in self._table.calls.items() if kind == call}
+
+    def overlapping_calls(self) -> list[tuple[str, str, str]]:
+        """(account_id, call, call still in flight) for every open/resume that arrived before
+        the previous one of that account had reported its outcome; empty when the daemon never
+        ran two logins or recoveries of one account at once."""
+        return list(self._table.overlaps)
+
     def update_rates(self, rates: dict[str, Any]) -> SimulatorConfig:
         """Change failure rates live (``p_*`` keys only); raises ValueError on bad input."""
         self._table.config = self._table.config.with_rates(rates)
@@ -250,7 +260,13 @@ class WorkerSimulator:
         return web.json_response(self.config.rates())
 
     async def _h_stats(self, _request: web.Request) -> web.Response:
-        return web.json_response({"sessions": len(self._table), **self.stats})
+        return web.json_response(
+            {
+                "sessions": len(self._table),
+                "overlapping_calls": len(self._table.overlaps),
+                **self.stats,
+            }
+        )
 
     async def _h_health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import heapq
 import random
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -164,11 +165,20 @@ class SessionTable:
         self._heap: list[tuple[float, int, str, int, _Step]] = []
         self._seq = 0
         self._qr_serial = 0
+        # The daemon's session calls per (call, account): "open" and "resume" as received.
+        self.calls: Counter[tuple[str, str]] = Counter()
+        # A call whose outcome has not been reported yet (open → qr_ready or fail; resume →
+        # recovered, relogin_required or fail), per account. A second open/resume arriving while
+        # one is in flight is recorded in `overlaps` as (account_id, new call, call in flight):
+        # the daemon must never run two logins or recoveries of one account at once.
+        self.in_flight: dict[str, str] = {}
+        self.overlaps: list[tuple[str, str, str]] = []
 
     # -- commands from the daemon and the control endpoints ---------------------------------
 
     def open(self, account_id: str, now: float) -> None:
         """Open (or restart) a session: a fresh QR login flow."""
+        self._call_started("open", account_id)
         s = self._sessions.get(account_id)
         if s is None:
             s = self._sessions[account_id] = _Session(Phase.OPENING)
@@ -176,6 +186,7 @@ class SessionTable:
 
     def resume(self, account_id: str, now: float) -> None:
         """Try to resume a session; an unknown one is created (the worker may have restarted)."""
+        self._call_started("resume", account_id)
         s = self._sessions.get(account_id)
         if s is None:
             s = self._sessions[account_id] = _Session(Phase.RESUMING)
@@ -184,7 +195,15 @@ class SessionTable:
         self._at(now + self._step(), account_id, s, _Step.RESUME)
 
     def close(self, account_id: str) -> bool:
+        self.in_flight.pop(account_id, None)  # its outcome will never be reported
         return self._sessions.pop(account_id, None) is not None
+
+    def _call_started(self, call: str, account_id: str) -> None:
+        self.calls[call, account_id] += 1
+        running = self.in_flight.get(account_id)
+        if running is not None:
+            self.overlaps.append((account_id, call, running))
+        self.in_flight[account_id] = call
 
     def drop(self, account_id: str) -> bool:
         """Stop the session silently (no more heartbeats, no event)."""
@@ -193,6 +212,7 @@ class SessionTable:
             return False
         s.gen += 1
         s.phase = Phase.DROPPED
+        self.in_flight.pop(account_id, None)  # cancelled with the session's timers
         return True
 
     def logout(self, account_id: str, now: float) -> bool:
@@ -202,6 +222,7 @@ class SessionTable:
             return False
         s.gen += 1
         s.phase = Phase.LOGGED_OUT
+        self.in_flight.pop(account_id, None)  # cancelled with the session's timers
         self._at(now, account_id, s, _Step.LOGOUT)
         return True
 
@@ -275,6 +296,8 @@ class SessionTable:
     def _fire(self, aid: str, s: _Session, step: _Step, now: float, out: Due) -> None:
         c = self.config
         rng = self._rng
+        if step in (_Step.QR, _Step.RESUME):
+            self.in_flight.pop(aid, None)  # every branch below reports the call's outcome
         if step is _Step.QR:
             if rng.random() < c.p_fail:
                 self._fail(aid, s, out, "could not open the WeCom client")
