@@ -175,6 +175,9 @@ class DatabasesSettings(_Section):
     pool_timeout: Seconds = 10
     pool_recycle: Seconds = 3600
     connect_timeout: Seconds = 5
+    # `accountd run`: keep retrying (with backoff) a database that is down at start-up for this
+    # long, then exit non-zero. 0 = one attempt.
+    startup_timeout: SecondsOrZero = 60
 
 
 class ControlSettings(_Section):
@@ -229,7 +232,7 @@ class MetricsSettings(_Listener):
     listen: ListenAddress = "127.0.0.1:9464"
     per_tenant: bool = False
     refresh_interval: Seconds = 5
-    ping_interval: Seconds = 10
+    ping_interval: Seconds = 2
     heartbeat_sample: Count = 20_000
 
 
@@ -245,6 +248,9 @@ class HeartbeatSettings(_Section):
     flush_interval: Seconds = 1
     db_poll_interval: Seconds = 5
     startup_grace: SecondsOrZero = 60
+    # A gap this long between ticks of the daemon's own clock task means the process was stopped
+    # or starved: checks that fell into it are moved instead of fired (accountd.daemon.outage).
+    stall_after: Seconds = 2
 
 
 class DeadlinesSettings(_Section):
@@ -281,6 +287,9 @@ class SupervisorSettings(_Section):
     poll_interval: Seconds = 2
     load_page_size: Count = 5000
     transition_batch: Count = 500
+    # Most status changes waiting for a commit (the bound on memory while the database is
+    # down); beyond it ingest answers 503 with Retry-After. About 0.5 KB each.
+    max_pending_changes: Count = 200_000
     shutdown_timeout: Seconds = 20
 
 

@@ -4,22 +4,27 @@ Usage::
 
     .venv/bin/python -m bench.engine --accounts 100000              # SQLite, temporary directory
     .venv/bin/python -m bench.engine --db mysql --accounts 100000   # MariaDB/MySQL
+    .venv/bin/python -m bench.engine --db mysql --accounts 200000 --mass 100000 \\
+        --heartbeat-timeout 10                                      # issue 5: mass event
 
 One run, in order:
 
 1. the raw ceilings (`bench.ceilings`) in a child process, on their own databases of the same
    size, so every figure below stands beside a ceiling measured minutes earlier;
 2. seeding (child process, so its garbage does not count as the daemon's memory): N accounts
-   with supervision rows: most ``online``, 10,000 (``--mass``) and 1,000 (``--stagger``) in
-   ``verifying``;
+   with supervision rows: most ``online``, 10,000 (``--mass``), 1,000 (``--stagger``) and 1,000
+   (``--during``) in ``verifying``;
 3. `Daemon.run` in this process (as ``accountd run`` does): time to ready and RSS growth per
    account. The online accounts are held by the start-up grace (600 s) for the whole run;
 4. heartbeat ingest: ``--clients`` processes flood ``POST /v1/heartbeats`` with 10,000-item
    batches over all N accounts for ``--duration`` seconds; accepted heartbeats/s (counted by the
    daemon) and the rows/s the coalesced flush wrote meanwhile;
-5. mass heartbeat loss: the 10,000 ``verifying`` accounts are brought online over HTTP, beaten
-   once more in ONE batch and then never again; from their common deadline (last heartbeat +
-   ``heartbeat.timeout``) to the last ``heartbeat_lost`` commit → transitions/s;
+5. mass heartbeat loss: the ``--mass`` ``verifying`` accounts are brought online over HTTP
+   (from a child process), beaten once more (all 10,000-item batches at once) and then never
+   again; from their first deadline (last heartbeat + ``heartbeat.timeout``) to the last
+   ``heartbeat_lost`` commit → transitions/s. Meanwhile ``--during`` other accounts stop
+   beating one after another over about the time the mass takes: for those whose deadline
+   falls inside the mass event, the delay from deadline to commit (target: ≤ 1 s);
 6. staleness: 1,000 accounts brought online whose heartbeats stop one after another over 4 s,
    while a background client keeps ``--background-rate`` heartbeats/s flowing; for each, the
    delay from its deadline to the commit of its ``heartbeat_lost`` (a transition hook notes the
@@ -54,7 +59,7 @@ from accountd.adapters.repository import Outcome, TransitionRequest
 from accountd.daemon.app import Daemon
 from accountd.daemon.supervisor import Supervisor, TransitionEvent
 from accountd.settings import Settings
-from accountd.statemachine import Trigger
+from accountd.statemachine import State, Trigger
 from bench import ceilings
 from bench.common import (
     Group,
@@ -71,7 +76,7 @@ from bench.common import (
 
 log = logging.getLogger("bench.engine")
 
-HEARTBEAT_TIMEOUT = 2.0
+HEARTBEAT_TIMEOUT = 2.0  # the default of --heartbeat-timeout
 GRACE = 600.0  # holds the bulk of the online accounts for the whole run
 FAR = 600  # deadlines and recovery backoff that must not fire during the run
 
@@ -82,7 +87,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_settings(state_dir: Path, urls: Mapping[str, str], port: int, token: str) -> Settings:
+def bench_settings(
+    state_dir: Path,
+    urls: Mapping[str, str],
+    port: int,
+    token: str,
+    timeout: float = HEARTBEAT_TIMEOUT,
+) -> Settings:
     return Settings.model_validate(
         {
             "state_dir": state_dir,
@@ -91,7 +102,7 @@ def bench_settings(state_dir: Path, urls: Mapping[str, str], port: int, token: s
             # Nothing in the run calls the worker (no account starts, recovers or fails).
             "worker": {"url": f"http://127.0.0.1:{free_port()}", "timeout": 1},
             "heartbeat": {
-                "timeout": HEARTBEAT_TIMEOUT,
+                "timeout": timeout,
                 "persist_interval": 1.5,
                 "flush_interval": 1,
                 "db_poll_interval": 5,
@@ -258,31 +269,104 @@ async def phase_ingest(
     }
 
 
+def _mass_child(url: str, token: str, ids: list[str], batch: int) -> dict[str, Any]:
+    return asyncio.run(drive_mass(url, token, ids, batch))
+
+
+async def drive_mass(url: str, token: str, ids: list[str], batch: int) -> dict[str, Any]:
+    """The worker side of the mass event (in a child process): bring the accounts online,
+    then their last heartbeats, all batches at once (ingest takes at most 10,000 per request),
+    then silence."""
+    import aiohttp
+
+    from bench.client import Poster, bring_online, chunks, heartbeat_body
+
+    connector = aiohttp.TCPConnector(limit=16)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        p = Poster(session, url, token)
+        online = await bring_online(p, ids, 2000, batch)
+        bodies = [heartbeat_body(c) for c in chunks(ids, batch)]
+        replies = await asyncio.gather(*(p.post("/v1/heartbeats", b) for b in bodies))
+    return {"online": online, "last_beat_applied": sum(int(r["applied"]) for r in replies)}
+
+
 async def phase_mass(
-    sup: Supervisor, seen: Observed, url: str, token: str, ids_file: Path, ids: list[str]
+    sup: Supervisor,
+    seen: Observed,
+    url: str,
+    token: str,
+    ids: list[str],
+    during_file: Path,
+    during: list[str],
+    window: float,
+    timeout: float,
 ) -> dict[str, float]:
-    client = await spawn_client("mass", url, token, ids_file)
-    result = await client.result()
+    """Mass heartbeat loss, and meanwhile ``during`` accounts whose deadlines fall inside it.
+
+    Once every mass account is online, a stagger client brings the ``during`` accounts online
+    and stops their heartbeats one after another over ``window`` seconds (about the time the
+    mass event takes to commit), so their deadlines fall while the mass is being committed.
+    """
+    online0 = sup.counts[State.online]
+    driver = asyncio.ensure_future(in_child(_mass_child, url, token, ids, 10_000))
+    stagger: Client | None = None
+    try:
+        await until(
+            lambda: sup.counts[State.online] >= online0 + len(ids) or driver.done(),
+            600,
+            "mass accounts online",
+        )
+        if during:
+            stagger = await spawn_client(
+                "stagger", url, token, during_file, "--window", f"{window:.2f}"
+            )
+        result = await driver
+    finally:
+        if not driver.done():
+            driver.cancel()
     if result["online"] != len(ids) or result["last_beat_applied"] != len(ids):
         raise RuntimeError(f"mass: not every account came online: {result}")
-    wanted = set(ids)
-    beats = {sup.accounts[i].last_heartbeat for i in ids}
-    last = max(b or 0.0 for b in beats)
-    deadline = last + HEARTBEAT_TIMEOUT
-    await until(lambda: seen.lost.keys() >= wanted, 120, "mass heartbeat loss committed")
+    if stagger is not None:
+        staggered = await stagger.result()
+        if staggered["online"] != len(during):
+            raise RuntimeError(f"during: not every account came online: {staggered}")
+    wanted = set(ids) | set(during)
+    await until(lambda: seen.lost.keys() >= wanted, 600, "mass heartbeat loss committed")
+    beats = [sup.accounts[i].last_heartbeat or 0.0 for i in ids]
+    first_deadline = min(beats) + timeout
     commits = [seen.lost[i][0] for i in ids]
+    early = sum(1 for c in commits if c < first_deadline)
+    if early:
+        # Bringing many accounts online over HTTP took longer than the heartbeat timeout.
+        raise RuntimeError(
+            f"{early} mass accounts went offline before the mass event; "
+            "use a larger --heartbeat-timeout"
+        )
     done = max(commits)
-    start = time.perf_counter() - (time.time() - deadline)
+    start = time.perf_counter() - (time.time() - first_deadline)
     batches = [b for b in seen.batches if b[1] >= start]
+    # The other accounts: deadline (their last heartbeat + timeout) inside the mass event.
+    others = []
+    for i in during:
+        committed, last = seen.lost[i]
+        deadline = last + timeout
+        if first_deadline <= deadline <= done:
+            others.append(committed - deadline)
     return {
         "accounts": float(len(ids)),
-        "distinct_last_beats": float(len(beats)),
-        "first_commit_after_deadline_s": min(commits) - deadline,
-        "all_committed_after_deadline_s": done - deadline,
-        "transitions_s": len(ids) / (done - deadline),
+        "last_beat_spread_s": max(beats) - min(beats),
+        "first_commit_after_deadline_s": min(commits) - first_deadline,
+        "all_committed_after_deadline_s": done - first_deadline,
+        # From the earliest deadline: the conservative reading when the last beats spread.
+        "transitions_s": len(ids) / (done - first_deadline),
         "batches": float(len(batches)),
         "batch_mean": sum(b[0] for b in batches) / max(1, len(batches)),
         "batch_seconds_sum": sum(b[2] for b in batches),
+        "others": float(len(others)),
+        "others_p50_s": percentile(others, 50),
+        "others_p99_s": percentile(others, 99),
+        "others_max_s": max(others, default=float("nan")),
     }
 
 
@@ -305,7 +389,7 @@ async def phase_stagger(
             token,
             bulk_file,
             "--duration",
-            str(window + HEARTBEAT_TIMEOUT + 4),
+            str(window + args.heartbeat_timeout + 4),
             "--rate",
             str(args.background_rate),
             "--concurrency",
@@ -327,7 +411,7 @@ async def phase_stagger(
     if background is not None:
         await background.result()
         background_rate = (sup.heartbeats_received - received0) / (time.perf_counter() - t0)
-    delays = [seen.lost[i][0] - (seen.lost[i][1] + HEARTBEAT_TIMEOUT) for i in ids]
+    delays = [seen.lost[i][0] - (seen.lost[i][1] + args.heartbeat_timeout) for i in ids]
     return {
         "accounts": float(len(ids)),
         "p50_s": percentile(delays, 50),
@@ -346,11 +430,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     async with bench_databases(args.db) as urls:
         report["server"] = await server_version(urls["platform"])
-        bulk_n = args.accounts - args.mass - args.stagger
+        bulk_n = args.accounts - args.mass - args.stagger - args.during
+        if bulk_n < 0:
+            raise SystemExit("--accounts must be at least --mass + --stagger + --during")
         groups = [
             Group("bulk", bulk_n, "online"),
             Group("mass", args.mass, "verifying"),
             Group("stagger", args.stagger, "verifying"),
+            Group("during", args.during, "verifying"),
         ]
         print(f"seeding {args.accounts:,} accounts …", flush=True)
         t0 = time.perf_counter()
@@ -359,16 +446,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(ceilings.SETTLE)
         with tempfile.TemporaryDirectory(prefix="accountd_bench_") as tmp:
             work = Path(tmp)
-            everyone = ids["bulk"] + ids["mass"] + ids["stagger"]
+            everyone = ids["bulk"] + ids["mass"] + ids["stagger"] + ids["during"]
             per_client = [everyone[k :: args.clients] for k in range(args.clients)]
             flood_files = []
             for k, part in enumerate(per_client):
                 f = work / f"flood{k}.txt"
                 f.write_text("\n".join(part))
                 flood_files.append(f)
-            for name in ("bulk", "mass", "stagger"):
+            for name in ("bulk", "mass", "stagger", "during"):
                 (work / f"{name}.txt").write_text("\n".join(ids[name]))
-            report.update(await run_daemon(args, urls, work, ids, flood_files))
+            grouped = float(report["ceilings"]["grouped_transitions_s"])
+            report.update(await run_daemon(args, urls, work, ids, flood_files, grouped))
     return report
 
 
@@ -378,6 +466,7 @@ async def run_daemon(
     work: Path,
     ids: dict[str, list[str]],
     flood_files: list[Path],
+    grouped_ceiling: float,
 ) -> dict[str, Any]:
     token = secrets.token_urlsafe(24)
     port = free_port()
@@ -390,7 +479,8 @@ async def run_daemon(
         instrument(d.supervisor, seen)
         ready.set()
 
-    daemon = Daemon(bench_settings(work, urls, port, token), on_ready=on_ready)
+    settings = bench_settings(work, urls, port, token, args.heartbeat_timeout)
+    daemon = Daemon(settings, on_ready=on_ready)
     gc.collect()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -418,8 +508,20 @@ async def run_daemon(
         with profiled(args, "ingest"):
             out["ingest"] = await phase_ingest(sup, seen, url, token, flood_files, args)
         print("mass heartbeat loss …", flush=True)
+        # The "during" accounts drop over about as long as the mass takes at the ceiling's pace.
+        window = max(2.0, args.mass / grouped_ceiling)
         with profiled(args, "mass"):
-            out["mass"] = await phase_mass(sup, seen, url, token, work / "mass.txt", ids["mass"])
+            out["mass"] = await phase_mass(
+                sup,
+                seen,
+                url,
+                token,
+                ids["mass"],
+                work / "during.txt",
+                ids["during"],
+                window,
+                args.heartbeat_timeout,
+            )
         print("staleness latency …", flush=True)
         with profiled(args, "stale"):
             out["stale"] = await phase_stagger(
@@ -464,6 +566,9 @@ def table(r: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     hb = ing["heartbeats_s"]
     ok_hb = hb >= 100_000 and hb >= 2 * batched
     mass_ratio = mass["transitions_s"] / grouped
+    # Issue 5 asks 70 % for 100,000 accounts at once; issue 3 asked 60 % for 10,000.
+    mass_target = 0.7 if mass["accounts"] >= 100_000 else 0.6
+    others_max = mass["others_max_s"]
     header = ["figure", "ours", "ceiling (same run)", "ratio", "target", "result"]
     rows = [
         [
@@ -511,8 +616,8 @@ def table(r: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{n(mass['transitions_s'])} transitions/s",
             f"{n(grouped)}/s (grouped, 500/txn)",
             f"{mass_ratio:.0%}",
-            "≥ 60 % of ceiling",
-            "pass" if mass_ratio >= 0.6 else "fail",
+            f"≥ {mass_target:.0%} of ceiling",
+            "pass" if mass_ratio >= mass_target else "fail",
         ],
         [
             "  the same with the supervision upsert in the ceiling",
@@ -521,6 +626,15 @@ def table(r: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{mass['transitions_s'] / c['grouped_transitions_supervision_s']:.0%}",
             "—",
             "—",
+        ],
+        [
+            f"  meanwhile, {mass['others']:.0f} other accounts' detection delay, p50 / p99 / max",
+            f"{mass['others_p50_s'] * 1000:,.0f} / {mass['others_p99_s'] * 1000:,.0f} / "
+            f"{others_max * 1000:,.0f} ms",
+            "—",
+            "—",
+            "max ≤ 1 s after their deadline",
+            "pass" if mass["others"] > 0 and others_max <= 1.0 else "fail",
         ],
         [
             "staleness: deadline → heartbeat_lost committed, p50 / p99 / max",
@@ -546,6 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--stagger", type=int, default=1_000, help="accounts for the staleness figure"
     )
+    parser.add_argument(
+        "--during",
+        type=int,
+        default=1_000,
+        help="accounts whose heartbeats stop one by one while the mass event is committed",
+    )
     parser.add_argument("--clients", type=int, default=1, help="heartbeat client processes")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of heartbeat flood")
     parser.add_argument(
@@ -553,6 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=50_000,
         help="heartbeats/s kept flowing during the staleness figure (0: none)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=HEARTBEAT_TIMEOUT,
+        help="heartbeat.timeout of the daemon (raise it for --mass 100000: bringing that many "
+        "accounts online over HTTP must not take longer)",
     )
     parser.add_argument("--ceiling-seconds", type=float, default=2.0)
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
@@ -583,8 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"errors {ing['errors']:.0f}; flush: {ing['flushes']:.0f} flushes, "
         f"DB-side {n(ing['flush_rows_s_db'])} rows/s, slowest {ing['flush_max_s']:.2f}s\n"
         f"mass: first commit {mass['first_commit_after_deadline_s'] * 1000:.0f} ms after the "
-        f"deadline, all {mass['all_committed_after_deadline_s'] * 1000:.0f} ms; "
-        f"{mass['distinct_last_beats']:.0f} distinct last-heartbeat instant(s); "
+        f"first deadline, all {mass['all_committed_after_deadline_s'] * 1000:.0f} ms; "
+        f"last heartbeats spread over {mass['last_beat_spread_s'] * 1000:.0f} ms; "
         f"{mass['batches']:.0f} transactions of {mass['batch_mean']:.0f} on average, "
         f"{mass['batch_seconds_sum']:.2f}s inside them\n"
         f"staleness: {st['accounts']:.0f} accounts, min {st['min_s'] * 1000:.0f} ms, background "

@@ -42,9 +42,9 @@ from accountd.daemon.control_socket import (
 )
 from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
 from accountd.errors import ConfigError
 from accountd.settings import load_settings
+from tests.helpers import fast_simulator
 from tests.test_e2e import seed_accounts, start, statuses, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,19 +119,7 @@ async def running(
     """A daemon with ``[control]`` set to ``control`` (TOML lines), accounts all online."""
     token = secrets.token_urlsafe(24)
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=11,
-            step_latency_min=0.02,
-            step_latency_max=0.1,
-            scan_latency_min=0.05,
-            scan_latency_max=0.2,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
-    )
+    sim = fast_simulator(ingest_url=f"http://127.0.0.1:{port}", token=token, seed=11)
     worker = await sim.start()
     config = write_config(tmp_path / "accountd.toml", urls, port, worker, token)
     with config.open("a") as fh:

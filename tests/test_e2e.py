@@ -27,9 +27,9 @@ from accountd.adapters.schema import account_status_logs, tenants, wework_accoun
 from accountd.daemon.app import Daemon
 from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
 from accountd.settings import Settings
 from accountd.statemachine import State, Trigger, all_pairs, is_legal, next_state
+from tests.helpers import fast_simulator
 
 
 def legal_edges() -> set[tuple[str, str]]:
@@ -129,19 +129,7 @@ async def wait_for(
 async def stack(migrated_urls: dict[str, str], tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     token = secrets.token_urlsafe(24)
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=7,
-            step_latency_min=0.02,
-            step_latency_max=0.1,
-            scan_latency_min=0.05,
-            scan_latency_max=0.2,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
-    )
+    sim = fast_simulator(ingest_url=f"http://127.0.0.1:{port}", token=token, seed=7)
     worker = await sim.start()
     dbs = Databases(migrated_urls)
     settings = fast_settings(tmp_path, migrated_urls, port, worker, token)

@@ -224,7 +224,7 @@ async def settle(sup: Supervisor, clock: FakeClock) -> None:
         nxt = sup.deadlines.next_due()
         due = sup.runner.running and nxt is not None and nxt <= clock.now()
         calls = bool(sup._call_tasks) and not sup._calls.empty()
-        if sup.runner.busy or due or calls or sup.door.pending:
+        if sup.busy or due or calls or sup.door.pending:
             quiet = 0
         else:
             quiet += 1

@@ -53,11 +53,11 @@ from accountd.daemon.metrics import (
 from accountd.daemon.metrics_http import MetricsServer
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
 from accountd.daemon.supervisor import Supervisor
 from accountd.settings import MetricsSettings, Settings
 from accountd.statemachine import State, Trigger
 from tests.conftest import sqlite_urls
+from tests.helpers import fast_simulator
 from tests.test_e2e import fast_settings, seed_accounts, statuses, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -369,18 +369,12 @@ async def live(migrated_urls: dict[str, str], tmp_path: Path) -> AsyncIterator[d
     """A daemon (fresh registry, per-tenant series on) with the worker simulator, on loopback."""
     token = secrets.token_urlsafe(24)
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=11,
-            step_latency_min=0.02,
-            step_latency_max=0.08,
-            scan_latency_min=0.05,
-            scan_latency_max=0.15,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
+    sim = fast_simulator(
+        ingest_url=f"http://127.0.0.1:{port}",
+        token=token,
+        seed=11,
+        step_latency_max=0.08,
+        scan_latency_max=0.15,
     )
     worker = await sim.start()
     dbs = Databases(migrated_urls)

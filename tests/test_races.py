@@ -29,8 +29,7 @@ from sqlalchemy import select, update
 from accountd.adapters.db import Databases
 from accountd.adapters.schema import account_status_logs, accountd_leases
 from accountd.daemon.demo import _free_port
-from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
+from tests.helpers import fast_simulator
 from tests.test_control import Stack, running
 from tests.test_e2e import legal_edges, seed_accounts, statuses, wait_for
 from tests.test_restart import spawn, wait_ready, write_config
@@ -278,19 +277,7 @@ async def test_second_daemon_process_is_refused_and_a_daemon_that_loses_its_leas
     first_dir.mkdir()
     second_dir.mkdir()
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=5,
-            step_latency_min=0.02,
-            step_latency_max=0.1,
-            scan_latency_min=0.05,
-            scan_latency_max=0.2,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
-    )
+    sim = fast_simulator(ingest_url=f"http://127.0.0.1:{port}", token=token, seed=5)
     worker = await sim.start()
     dbs = Databases(migrated_urls)
     first_log, second_log = first_dir / "daemon.log", second_dir / "daemon.log"

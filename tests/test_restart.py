@@ -26,8 +26,7 @@ from accountd.adapters.db import Databases
 from accountd.adapters.schema import accountd_supervision
 from accountd.daemon.demo import _free_port
 from accountd.daemon.lease import Lease, LeaseHeld
-from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
+from tests.helpers import fast_simulator
 from tests.test_e2e import legal_edges, logs, seed_accounts, statuses, wait_for
 
 
@@ -106,19 +105,7 @@ async def test_sigkill_mid_recovery_then_restart_resumes_exactly(
 ) -> None:
     token = secrets.token_urlsafe(24)
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=3,
-            step_latency_min=0.02,
-            step_latency_max=0.1,
-            scan_latency_min=0.05,
-            scan_latency_max=0.2,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
-    )
+    sim = fast_simulator(ingest_url=f"http://127.0.0.1:{port}", token=token, seed=3)
     worker = await sim.start()
     dbs = Databases(migrated_urls)
     config = write_config(tmp_path / "accountd.toml", migrated_urls, port, worker, token)

@@ -45,11 +45,10 @@ from accountd.daemon import ingest
 from accountd.daemon.control_socket import SOCKET_MODE, bind_control_socket
 from accountd.daemon.demo import _free_port
 from accountd.daemon.ingest import IngestServer
-from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
 from accountd.errors import ConfigError
 from accountd.settings import is_loopback, load_settings, split_listen
 from tests.conftest import _pymysql_connect, mysql_server_url
+from tests.helpers import fast_simulator
 from tests.test_control import ctl
 from tests.test_e2e import seed_accounts, statuses, wait_for
 from tests.test_restart import wait_ready
@@ -196,6 +195,10 @@ SQL_ALLOWED: dict[tuple[str, str], str] = {
     ("accountd/adapters/loader.py", "load_statement"): "the start-up load query: fixed column "
     "names and per-dialect expressions; the keyset cursor and page size are bound (:after, :limit)",
     ("accountd/adapters/loader.py", "iter_loaded"): "runs load_statement with bound parameters",
+    ("accountd/adapters/loader.py", "heartbeats_statement"): "the paged heartbeat read: fixed "
+    "column names and a per-dialect timestamp expression; cursor, since and limit are bound",
+    ("accountd/adapters/loader.py", "heartbeats_after"): "runs heartbeats_statement with bound "
+    "parameters",
     ("accountd/adapters/partitions.py", "_ranges"): "DDL: MySQL cannot bind partition names or "
     "bounds; names come from partition_name(), bounds are integers we compute",
     ("accountd/adapters/partitions.py", "partition_by_sql"): "DDL: table and column from our "
@@ -382,19 +385,7 @@ async def test_token_and_database_passwords_never_leave_the_daemon(
             for key, u in migrated_urls.items()
         }
         ports = {"ingest": _free_port(), "metrics": _free_port()}
-        sim = WorkerSimulator(
-            SimulatorConfig(
-                ingest_url=f"http://127.0.0.1:{ports['ingest']}",
-                token=token,
-                seed=2,
-                step_latency_min=0.02,
-                step_latency_max=0.1,
-                scan_latency_min=0.05,
-                scan_latency_max=0.2,
-                heartbeat_interval=0.3,
-                tick=0.02,
-            )
-        )
+        sim = fast_simulator(ingest_url=f"http://127.0.0.1:{ports['ingest']}", token=token, seed=2)
         worker = await sim.start()
         state = sock_dir  # short: the control socket lives in state_dir
         config = state / "accountd.toml"

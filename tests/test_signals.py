@@ -32,7 +32,7 @@ from accountd.adapters.schema import wework_accounts
 from accountd.adapters.verify import verify
 from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
-from accountd.daemon.simulator_sessions import SimulatorConfig
+from tests.helpers import fast_simulator
 from tests.test_e2e import logs, seed_accounts, statuses, wait_for
 
 # Fast timings so that a whole lifecycle takes a second or two.
@@ -170,18 +170,8 @@ async def open_rig(urls: dict[str, str], tmp_path: Path) -> AsyncIterator[Rig]:
     """A simulated worker and database handles; the daemon is spawned by the test."""
     token = secrets.token_urlsafe(24)
     port = _free_port()
-    sim = WorkerSimulator(
-        SimulatorConfig(
-            ingest_url=f"http://127.0.0.1:{port}",
-            token=token,
-            seed=11,
-            step_latency_min=0.02,
-            step_latency_max=0.1,
-            scan_latency_min=0.05,
-            scan_latency_max=2.0,
-            heartbeat_interval=0.3,
-            tick=0.02,
-        )
+    sim = fast_simulator(
+        ingest_url=f"http://127.0.0.1:{port}", token=token, seed=11, scan_latency_max=2.0
     )
     worker_url = await sim.start()
     dbs = Databases(urls)

@@ -12,6 +12,7 @@ account keeps the all-or-nothing guarantee because its three writes share the tr
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +24,14 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from accountd.adapters import batch_sql
+from accountd.adapters.batch_sql import Binds
 from accountd.adapters.schema import account_status_logs, accountd_supervision, wework_accounts
 from accountd.ids import uuid7
 
 # Columns of wework_accounts the engine may set along with a status change (BRIEF §3:
 # qr_ready stores login_qr_code, verified clears it and error_message, fail records the error).
-TRANSITION_FIELDS = frozenset({"login_qr_code", "error_message"})
+TRANSITION_FIELDS = batch_sql.SETTABLE_WITH_STATUS
 
 SUPERVISION_FIELDS = (
     "status",
@@ -200,6 +203,26 @@ class AccountRepository:
                     out[row.id] = row
         return out
 
+    async def fresh_heartbeats(self, ids: Sequence[str], since: float) -> dict[str, float]:
+        """``last_heartbeat_at`` of those of ``ids`` whose value is ``since`` or later.
+
+        The re-check before declaring heartbeats lost (other services may write the column):
+        the filter runs in the database, so a mass event, where nobody has a fresh heartbeat,
+        reads back nothing but primary-key lookups. The column has whole seconds, so a row of
+        the very second of ``since`` is returned too; the caller compares exactly.
+        """
+        a = wework_accounts
+        cutoff = to_db_time(float(int(since)))
+        out: dict[str, float] = {}
+        async with self.engine.connect() as conn:
+            for chunk in _chunks(ids, self.chunk):
+                stmt = select(a.c.id, a.c.last_heartbeat_at).where(
+                    a.c.id.in_(chunk), a.c.last_heartbeat_at >= cutoff
+                )
+                for account_id, beat in (await conn.execute(stmt)).all():
+                    out[account_id] = from_db_time(beat) or 0.0
+        return out
+
     async def find_created(self, limit: int = 10_000) -> list[AccountRow]:
         """Rows in ``created`` (new accounts inserted by other services); uses idx_status."""
         stmt = (
@@ -289,23 +312,34 @@ class AccountRepository:
         """Commit many transitions in one transaction; results align with ``requests``.
 
         At most one request per account (the caller's one door guarantees that).
+
+        Optimistic first: the grouped compare-and-set ``UPDATE``s run without a locking read,
+        and when each matched every row it named (the common case: nobody else writes status),
+        the log rows and supervision rows follow in the same transaction. Should any account's
+        status differ, that transaction is rolled back whole and the batch is redone the careful
+        way: ``SELECT … FOR UPDATE`` to learn who still matches, then the writes for those.
+        Either way each account's status, log row and supervision row commit together or not
+        at all.
         """
         if not requests:
             return []
         ids = [r.account_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("apply_transitions: one request per account per batch")
-        async with self.engine.begin() as conn:
+        async with self.engine.connect() as conn:
+            await conn.begin()
+            if await self._update_statuses(conn, requests, strict=False):
+                await self._write_rest(conn, requests)
+                await conn.commit()
+                return [Applied(r.account_id, r.log_id) for r in requests]
+            await conn.rollback()
+            await conn.begin()
             found = await self._lock_statuses(conn, ids)
             winners = [r for r in requests if found.get(r.account_id) == r.expected_status]
             if winners:
-                await self._update_statuses(conn, winners)
-                if self.between_statements is not None:
-                    self.between_statements()
-                await self._insert_logs(conn, winners)
-                await self._upsert_supervision(
-                    conn, [r for r in winners if r.supervision is not None]
-                )
+                await self._update_statuses(conn, winners, strict=True)
+                await self._write_rest(conn, winners)
+            await conn.commit()
         won = {r.account_id for r in winners}
         return [
             Applied(r.account_id, r.log_id)
@@ -313,6 +347,15 @@ class AccountRepository:
             else Conflict(r.account_id, r.expected_status, found.get(r.account_id))
             for r in requests
         ]
+
+    async def _write_rest(
+        self, conn: AsyncConnection, winners: Sequence[TransitionRequest]
+    ) -> None:
+        """The log rows and supervision rows of transitions whose compare-and-set won."""
+        if self.between_statements is not None:
+            self.between_statements()
+        await self._insert_logs(conn, winners)
+        await self._upsert_supervision(conn, [r for r in winners if r.supervision is not None])
 
     async def _lock_statuses(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
         a = wework_accounts
@@ -325,46 +368,50 @@ class AccountRepository:
         return found
 
     async def _update_statuses(
-        self, conn: AsyncConnection, winners: Sequence[TransitionRequest]
-    ) -> None:
-        a = wework_accounts
+        self, conn: AsyncConnection, winners: Sequence[TransitionRequest], *, strict: bool
+    ) -> bool:
+        """The grouped compare-and-set; False as soon as one statement matched fewer rows.
+
+        ``strict``: the rows were locked and seen in their expected status, so a shortfall
+        means a writer without row locks slipped in: raise `ConcurrentWrite` (the caller's
+        transaction is rolled back) rather than commit a status without its log row.
+        """
         groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
         for r in winners:
-            key = (r.expected_status, r.new_status, tuple(sorted(r.fields.items())))
-            groups[key].append(r.account_id)
+            extra = tuple(sorted(r.fields.items())) if r.fields else ()
+            groups[(r.expected_status, r.new_status, extra)].append(r.account_id)
         for (expected, new, extra), ids in groups.items():
             for chunk in _chunks(ids, self.chunk):
-                stmt = (
-                    update(a)
-                    .where(a.c.id.in_(chunk), a.c.status == expected)
-                    .values(status=new, **dict(extra))
-                )
-                result = await conn.execute(stmt)
-                if result.rowcount != len(chunk):
-                    # The locking SELECT saw these rows in `expected`; anything else means a
-                    # concurrent writer slipped in (possible only without row locks). Abort the
-                    # whole transaction rather than commit a status without its log row.
+                b = Binds(self.dialect)
+                sql = batch_sql.update_status(b, chunk, expected, new, extra)
+                result = await conn.exec_driver_sql(sql, b.params)
+                if result.rowcount == len(chunk):
+                    continue
+                if strict:
                     raise ConcurrentWrite(
                         f"compare-and-set matched {result.rowcount} of {len(chunk)} rows"
                     )
+                return False
+        return True
 
     async def _insert_logs(
         self, conn: AsyncConnection, winners: Sequence[TransitionRequest]
     ) -> None:
-        rows = [
-            {
-                "id": r.log_id,
-                "account_id": r.account_id,
-                "old_status": r.expected_status,
-                "new_status": r.new_status,
-                "change_reason": _clip(r.reason, 255),
-                "error_details": r.error_details,
-                "operator_id": r.operator_id,
-            }
-            for r in winners
-        ]
-        for chunk in _chunks(rows, self.chunk):
-            await conn.execute(account_status_logs.insert(), chunk)
+        for chunk in _chunks(winners, self.chunk):
+            b = Binds(self.dialect)
+            rows = (
+                (
+                    r.log_id,
+                    r.account_id,
+                    r.expected_status,
+                    r.new_status,
+                    _clip(r.reason, 255),
+                    r.error_details,
+                    r.operator_id,
+                )
+                for r in chunk
+            )
+            await conn.exec_driver_sql(batch_sql.insert_logs(b, rows), b.params)
 
     async def _upsert_supervision(
         self, conn: AsyncConnection, requests: Sequence[TransitionRequest]
@@ -375,19 +422,32 @@ class AccountRepository:
         rows = []
         for r in requests:
             assert r.supervision is not None
-            row = {name: r.supervision.get(name) for name in SUPERVISION_FIELDS}
-            row["account_id"] = r.account_id
-            row["status"] = r.new_status
-            row["last_log_id"] = r.log_id
-            row["entered_at"] = row["entered_at"] or now
-            row["offline_history"] = row["offline_history"] or []
-            row["attempts"] = row["attempts"] or 0
-            row["qr_refreshes"] = row["qr_refreshes"] or 0
-            row["paused"] = bool(row["paused"])
-            row["epoch"] = row["epoch"] or 0
-            row["updated_at"] = now
-            rows.append(row)
-        await self.upsert_supervision_rows(conn, rows)
+            sup = r.supervision
+            get = sup.get
+            rows.append(
+                {
+                    "account_id": r.account_id,
+                    "status": r.new_status,
+                    "entered_at": get("entered_at") or now,
+                    "attempts": get("attempts") or 0,
+                    "qr_refreshes": get("qr_refreshes") or 0,
+                    "next_action": get("next_action"),
+                    "next_action_at": get("next_action_at"),
+                    "online_since": get("online_since"),
+                    "offline_history": get("offline_history") or (),
+                    "paused": bool(get("paused")),
+                    "paused_reason": get("paused_reason"),
+                    "last_log_id": r.log_id,
+                    "epoch": get("epoch") or 0,
+                    "updated_at": now,
+                }
+            )
+        alias = bool(getattr(self.engine.dialect, "_requires_alias_for_on_duplicate_key", False))
+        for chunk in _chunks(rows, self.chunk):
+            b = Binds(self.dialect)
+            values = (batch_sql.supervision_values(row, json.dumps) for row in chunk)
+            sql = batch_sql.upsert_supervision(b, values, self.dialect, mysql_alias=alias)
+            await conn.exec_driver_sql(sql, b.params)
 
     async def upsert_supervision_rows(
         self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]

@@ -23,11 +23,13 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from accountd.adapters import migrate
 from accountd.adapters.db import DATABASE_KEYS, Databases
 from accountd.adapters.repository import AccountRepository
 from accountd.adapters.worker import WorkerClient
+from accountd.daemon import fastjson
 from accountd.daemon.alerts import AlertManager
 from accountd.daemon.clock import Clock, SystemClock
 from accountd.daemon.control import ControlServer
@@ -37,8 +39,15 @@ from accountd.daemon.metrics import Metrics
 from accountd.daemon.metrics_http import serve_metrics
 from accountd.daemon.monitoring import Monitoring, start_monitoring
 from accountd.daemon.notify import Notifier, Ticker, watchdog_interval
+from accountd.daemon.outage import OutageGuard, QuietLog, wait_for_databases
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.policy import PolicyConfig
+from accountd.daemon.runtime_metrics import (
+    GcPauses,
+    HeartbeatsPersisted,
+    freeze_after_load,
+    register,
+)
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
 from accountd.logs import setup_logging
@@ -136,6 +145,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
         self._job_tasks: set[asyncio.Task[Any]] = set()
+        # Jobs failing on a database log once, then a summary now and then, not a traceback each.
+        self._job_errors = QuietLog(log)
+        self.outage: OutageGuard | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -200,7 +212,11 @@ class Daemon:
         dbs = Databases(s.database_urls(), s.pool())
         stack.push_async_callback(dbs.dispose)
         self.databases = dbs
-        await dbs.check_all()
+        # A database that is down at start-up is waited for (one line per attempt, backing
+        # off), then the daemon exits 1 with the last error (`[databases] startup_timeout`).
+        await wait_for_databases(
+            dbs.check_all, give_up_after=s.databases.startup_timeout, stop=self._stop
+        )
         await metrics.watch(dbs)
         stack.push_async_callback(metrics.unwatch)  # before dbs.dispose: no ping after it
         await self._check_schema()
@@ -232,6 +248,7 @@ class Daemon:
             startup_grace=s.heartbeat.startup_grace,
         )
         self.supervisor = sup
+        sup.door.max_pending = s.supervisor.max_pending_changes
         metrics.attach(supervisor=sup, outbox=self.outbox)
         await sup.load()
         # Alerts (loaded and reconciled with the accounts) and monitoring subscribe before the
@@ -239,9 +256,32 @@ class Daemon:
         self.monitoring = await start_monitoring(s, dbs.engines, sup, self.outbox, self.clock)
         self.alerts = self.monitoring.alerts
         # The loaded accounts live as long as the process: move them out of the collector's
-        # generations so a full collection does not walk a million objects (pauses of 100s of ms).
-        gc.collect()
-        gc.freeze()
+        # generations so a full collection does not walk a million objects (~0.45 s at 1M).
+        stack.callback(gc.set_threshold, *gc.get_threshold())  # as found, when we stop
+        frozen, full_gc = freeze_after_load()
+        log.info(
+            "gc: %d objects frozen after the load; a full collection now takes %.1f ms",
+            frozen,
+            full_gc * 1000,
+        )
+        gc_pauses = GcPauses()
+        gc_pauses.install()
+        stack.callback(gc_pauses.remove)
+        persisted = HeartbeatsPersisted(lambda: sup.heartbeats_persisted)
+        stack.callback(register(self.registry, gc_pauses, persisted))
+        # Stalls (SIGSTOP) and platform outages: checks that fell while the daemon was deaf
+        # are moved, not fired. Started before the supervisor's deadline runner.
+        guard = self.outage = OutageGuard(
+            self.clock,
+            stall_after=s.heartbeat.stall_after,
+            # Back means answering *and* committing again (the door's last batch went through).
+            # Not "the door is idle": a busy door is the normal state during a mass event.
+            db_up=lambda: metrics.db_up("platform") and sup.door.db_healthy,
+            detect_lag=s.metrics.ping_interval,
+        )
+        sup.outage = guard
+        await guard.start()
+        stack.push_async_callback(guard.stop)
         await sup.start()
         stack.push_async_callback(sup.stop, s.supervisor.shutdown_timeout)
 
@@ -256,6 +296,7 @@ class Daemon:
                 token=s.ingest.token.get_secret_value(),
                 max_batch=s.ingest.max_batch,
                 max_body_bytes=s.ingest.max_body_bytes,
+                request_timeout=s.ingest.request_timeout,
             )
         )
         self.ingest_port = await ingest.start(s.ingest.host, s.ingest.port)
@@ -362,20 +403,31 @@ class Daemon:
     # ---------------------------------------------------------------- systemd
 
     async def status_line(self) -> str:
-        """The STATUS= line for `systemctl status`: accounts per state, database reachability."""
+        """The STATUS= line for `systemctl status`: accounts per state, database reachability.
+
+        A database that is down makes it start with ``degraded:``. Health comes from the metrics'
+        pings and the last real writes (`Metrics.db_up`), so the line costs no I/O and a hung
+        server cannot hold it; without metrics (never in `run`) each database is pinged.
+        """
         sup, dbs = self.supervisor, self.databases
         if sup is None or dbs is None or not self.ready:
             return "starting"
         per_state = " ".join(f"{state}={n}" for state, n in sup.snapshot_counts().items() if n)
         down: list[str] = []
         for key in DATABASE_KEYS:
+            if self.metrics is not None:
+                if not self.metrics.db_up(key):
+                    down.append(key)
+                continue
             try:
                 async with asyncio.timeout(STATUS_DB_TIMEOUT):
                     await dbs.ping(key)
             except (DatabaseUnavailable, TimeoutError):
                 down.append(key)
-        db = f"db down: {', '.join(down)}" if down else "db ok"
-        return f"{len(sup.accounts)} accounts: {per_state or 'none'}; {db}"
+        counts = f"{len(sup.accounts)} accounts: {per_state or 'none'}"
+        if down:
+            return f"degraded: database {', '.join(down)} unreachable; {counts}"
+        return f"{counts}; db ok"
 
     async def _send_status(self) -> None:
         self.notifier.status(await self.status_line())
@@ -443,12 +495,19 @@ class Daemon:
             task = asyncio.current_task()
             if task is not None:
                 self._job_tasks.add(task)
+            name = f"job {fn.__name__}"
             try:
                 await fn()
+            except (DatabaseUnavailable, OperationalError, DBAPIError, OSError) as exc:
+                # A database outage fails every job every few seconds: one line when it starts,
+                # a summary now and then, one when it works again (no traceback per run).
+                self._job_errors.failed(name, exc)
             except AccountdError as exc:
                 log.warning("job %s: %s", fn.__name__, exc)
             except Exception:  # boundary: a failing job is logged; the next run tries again
                 log.exception("job %s failed", fn.__name__)
+            else:
+                self._job_errors.succeeded(name)
             finally:
                 if task is not None:
                     self._job_tasks.discard(task)
@@ -484,4 +543,7 @@ def changed_keys(old: Settings, new: Settings) -> list[str]:
 def run_daemon(settings: Settings) -> int:
     """`accountd run`: the daemon in the foreground until SIGTERM/SIGINT."""
     settings.require_runnable()
+    # orjson comes with the `fast` extra; uvloop was measured too and did not pay (ingest is
+    # bound by the Python work per heartbeat, not by the event loop): docs/benchmarks.md.
+    log.info("JSON for ingest: %s", fastjson.BACKEND)
     return asyncio.run(Daemon(settings).run())

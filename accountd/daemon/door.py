@@ -12,6 +12,19 @@ Because only the committer task changes state, there are no races inside the pro
 to one account never share a batch, and each is validated against the state the previous one left.
 Mass changes (a worker host dies and 10,000 accounts lose heartbeats) become a few large
 set-based transactions instead of 10,000 small ones.
+
+Throughput at scale (docs/benchmarks.md) comes from three things:
+
+* **Pipelining.** Up to ``pipeline`` batches are in flight at once, each in its own transaction
+  on its own connection, so one batch's Python work overlaps another's server work. An account
+  is in at most one in-flight batch (the committer skips accounts that are busy), so per-account
+  order is kept. SQLite has one writer, so it gets ``pipeline=1``.
+* **Adaptive batches.** A backlog of bulk changes alone is taken ``max_batch`` at a time:
+  fewer, larger statements and commits. With normal changes waiting, batches keep their usual
+  size, so they commit soon.
+* **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
+  every batch takes the normal lane first and fills up from the bulk lane. A mass event then
+  runs at full speed without delaying anyone else's change by more than about one batch.
 """
 
 from __future__ import annotations
@@ -139,13 +152,24 @@ class Door:
         planner: Planner,
         *,
         batch_size: int = 500,
+        max_batch: int | None = None,
+        pipeline: int = 1,
         max_pending: int = 200_000,
     ) -> None:
+        if batch_size < 1 or pipeline < 1:
+            raise ValueError("batch_size and pipeline must be positive")
         self.repo = repo
         self.planner = planner
         self.batch_size = batch_size
+        # A backlog in the bulk lane alone is taken in bigger bites (fewer, larger statements).
+        self.max_batch = max(batch_size, max_batch if max_batch is not None else 2 * batch_size)
+        self.pipeline = pipeline
         self.max_pending = max_pending
         self._queue: deque[Change | _Exclusive] = deque()
+        self._bulk: deque[Change] = deque()
+        # Batches being committed, and the accounts in them (at most one batch per account).
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._busy: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -153,31 +177,46 @@ class Door:
         self._idle.set()
         self.stats = DoorStats()
         self.db_healthy = True
+        self._delay = 0.2  # backoff after a failed commit
         # Timing hook (database, operation, seconds) for accountd_db_latency_seconds.
         self.on_db_time: Callable[[str, str, float], None] | None = None
 
     # -- the door ------------------------------------------------------------------------
 
-    def fire(self, change: Change) -> asyncio.Future[ItemResult]:
-        """Queue a change; the future resolves once it is committed (or refused)."""
+    def fire(self, change: Change, *, bulk: bool = False) -> asyncio.Future[ItemResult]:
+        """Queue a change; the future resolves once it is committed (or refused).
+
+        ``bulk``: one of many changes of a mass event; it waits in the bulk lane, behind every
+        change fired without the flag, so a mass event cannot starve other accounts. A later
+        normal change may therefore overtake it, so it must be guarded (``expect_state`` or
+        ``expect_version``): once anything else changed the account, it no longer applies.
+        """
+        if bulk and change.expect_state is None and change.expect_version is None:
+            raise ValueError("a bulk change needs expect_state or expect_version")
         if self._stopping:
             raise Overloaded(5.0, "accountd is shutting down")
-        if len(self._queue) >= self.max_pending:
-            raise Overloaded(1.0, f"{len(self._queue)} changes already pending")
-        loop = asyncio.get_running_loop()
-        change.future = loop.create_future()
-        self._queue.append(change)
-        self.stats.queue_peak = max(self.stats.queue_peak, len(self._queue))
+        pending = self.pending
+        if pending + self.held >= self.max_pending:
+            raise Overloaded(1.0, f"{pending + self.held} changes already pending")
+        change.future = asyncio.get_running_loop().create_future()
+        if bulk:
+            self._bulk.append(change)
+        else:
+            self._queue.append(change)
+        if pending >= self.stats.queue_peak:
+            self.stats.queue_peak = pending + 1
         self._idle.clear()
         self._wakeup.set()
         return change.future
 
-    def fire_many(self, changes: Sequence[Change]) -> list[asyncio.Future[ItemResult]]:
+    def fire_many(
+        self, changes: Sequence[Change], *, bulk: bool = False
+    ) -> list[asyncio.Future[ItemResult]]:
         if self._stopping:
             raise Overloaded(5.0, "accountd is shutting down")
-        if len(self._queue) + len(changes) > self.max_pending:
-            raise Overloaded(1.0, f"{len(self._queue)} changes already pending")
-        return [self.fire(c) for c in changes]
+        if self.pending + self.held + len(changes) > self.max_pending:
+            raise Overloaded(1.0, f"{self.pending + self.held} changes already pending")
+        return [self.fire(c, bulk=bulk) for c in changes]
 
     async def exclusive(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` in the committer task, between batches, and return its result.
@@ -196,7 +235,19 @@ class Door:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Changes waiting for a batch (not counting those being committed)."""
+        return len(self._queue) + len(self._bulk)
+
+    @property
+    def held(self) -> int:
+        """Changes in batches being committed (or retried while the database is down): they
+        count against ``max_pending`` too, so the bound holds memory during an outage."""
+        return len(self._busy)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches being committed right now."""
+        return len(self._inflight)
 
     async def wait_idle(self) -> None:
         """Until every queued change has been committed or refused."""
@@ -216,7 +267,7 @@ class Door:
             await asyncio.wait_for(self._idle.wait(), grace)
             return True
         except TimeoutError:
-            log.warning("door: %d changes still pending at shutdown", len(self._queue))
+            log.warning("door: %d changes still pending at shutdown", self.pending)
             return False
 
     async def stop(self) -> None:
@@ -226,58 +277,123 @@ class Door:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._queue:  # whatever is left is refused, never silently dropped
-            item = self._queue.popleft()
-            if item.future is not None and not item.future.done():
-                item.future.set_exception(Overloaded(5.0, "accountd stopped"))
+        # Whatever is left is refused, never silently dropped.
+        for lane in (self._queue, self._bulk):
+            while lane:
+                item = lane.popleft()
+                if item.future is not None and not item.future.done():
+                    item.future.set_exception(Overloaded(5.0, "accountd stopped"))
 
     # -- the committer -------------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = 0.2
-        while True:
-            if not self._queue:
-                self._idle.set()
+        try:
+            while True:
                 self._wakeup.clear()
+                head = self._queue[0] if self._queue else None
+                if isinstance(head, _Exclusive):
+                    # Runs alone: after every batch in flight has committed, before the next.
+                    if not self._inflight:
+                        self._queue.popleft()
+                        await head.run()
+                        continue
+                elif len(self._inflight) < self.pipeline and self._worth_a_batch():
+                    batch = self._take_batch()
+                    if batch:
+                        self._start(batch)
+                        continue
+                if not self._inflight and not self._queue and not self._bulk:
+                    self._idle.set()
+                # New changes, and every batch that finishes, set the event.
                 await self._wakeup.wait()
-                continue
-            head = self._queue[0]
-            if isinstance(head, _Exclusive):
-                self._queue.popleft()
-                await head.run()
-                continue
-            batch = self._take_batch()
+        finally:
+            for task in self._inflight:
+                task.cancel()
+            for task in list(self._inflight):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _worth_a_batch(self) -> bool:
+        """Start another batch now? Normal changes: at once. A mass event's changes arrive a
+        round at a time; while a batch is in flight, wait until a full batch has gathered
+        (or that batch finishes) rather than commit many small ones."""
+        if self._queue:
+            return True
+        return bool(self._bulk) and (not self._inflight or len(self._bulk) >= self.batch_size)
+
+    def _start(self, batch: list[Change]) -> None:
+        self._busy.update(c.account_id for c in batch)
+        task = asyncio.create_task(self._commit_batch(batch), name="accountd-door-batch")
+        self._inflight.add(task)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wakeup.set()
+
+    async def _commit_batch(self, batch: list[Change]) -> None:
+        """One batch, in its own task: commit it, or put it back and back off."""
+        try:
+            await self._commit(batch)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            # The database is down or refused the batch. Nothing of the batch was applied
+            # (one transaction); back off, then put it back at the front. Its accounts stay
+            # busy meanwhile, so no later change of theirs can overtake it.
+            self.db_healthy = False
+            self.stats.db_errors += 1
+            # Capped at 2 s: after an outage the first commit lands within ~2 s of the return.
+            delay, self._delay = self._delay, min(self._delay * 2, 2.0)
+            log.warning("door: commit failed, retrying in %.1fs: %s", delay, _short(exc))
             try:
-                await self._commit(batch)
-                delay = 0.2
-                self.db_healthy = True
-            except (OperationalError, DBAPIError, OSError) as exc:
-                # The database is down or refused the batch. Nothing of the batch was applied
-                # (one transaction); put it back at the front and retry with backoff.
-                self.db_healthy = False
-                self.stats.db_errors += 1
-                log.warning("door: commit failed, retrying in %.1fs: %s", delay, _short(exc))
-                waiting = [c for c in batch if c.future is None or not c.future.done()]
-                self._queue.extendleft(reversed(waiting))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            finally:
+                self._requeue_front(batch)
+        except asyncio.CancelledError:
+            self._requeue_front(batch)  # `stop` refuses them
+            raise
+        except Exception as exc:  # boundary: a bug must not leave callers waiting forever
+            log.exception("door: batch of %d failed", len(batch))
+            for change in batch:
+                if change.future is not None and not change.future.done():
+                    change.future.set_exception(exc)
+        finally:
+            self._busy.difference_update(c.account_id for c in batch)
+
+    def _requeue_front(self, batch: list[Change]) -> None:
+        waiting = [c for c in batch if c.future is None or not c.future.done()]
+        self._queue.extendleft(reversed(waiting))
 
     def _take_batch(self) -> list[Change]:
-        """Up to batch_size changes, at most one per account (the rest wait their turn)."""
+        """The next batch: the normal lane first, then the bulk lane; one change per account.
+
+        Changes of accounts already in the batch or in a batch being committed stay where they
+        are and wait their turn.
+        """
+        # Normal changes waiting: a batch of the usual size, so that it commits soon.
+        limit = self.max_batch if not self._queue and len(self._bulk) > self.batch_size else 0
+        limit = limit or self.batch_size
         batch: list[Change] = []
-        seen: set[str] = set()
-        deferred: list[Change] = []
-        while self._queue and len(batch) < self.batch_size:
-            if isinstance(self._queue[0], _Exclusive):
-                break  # runs alone, after this batch
-            change = self._queue.popleft()
-            assert isinstance(change, Change)
-            if change.account_id in seen:
-                deferred.append(change)
-            else:
-                seen.add(change.account_id)
-                batch.append(change)
-        self._queue.extendleft(reversed(deferred))
+        seen = self._busy.copy()
+        exclusive_ahead = False
+        for lane in (self._queue, self._bulk):
+            deferred: list[Change | _Exclusive] = []
+            # Bounded: a lane full of one busy account's changes must not cost a full scan.
+            budget = 4 * limit
+            while lane and len(batch) < limit and budget > 0:
+                budget -= 1
+                item = lane[0]
+                if isinstance(item, _Exclusive):
+                    exclusive_ahead = True
+                    break  # runs alone, after this batch
+                lane.popleft()
+                if item.account_id in seen:
+                    deferred.append(item)
+                else:
+                    seen.add(item.account_id)
+                    batch.append(item)
+            lane.extendleft(reversed(deferred))  # type: ignore[arg-type]
+            if exclusive_ahead:
+                break
         return batch
 
     async def _commit(self, batch: list[Change]) -> None:
@@ -292,6 +408,10 @@ class Door:
         started = time.perf_counter()
         try:
             outcomes = await self.repo.apply_transitions([p.request for _, _, p in planned])
+            # Healthy only once something really committed: a batch refused in memory
+            # (illegal, stale) proves nothing about the database.
+            self._delay = 0.2
+            self.db_healthy = True
         except ConcurrentWrite as exc:
             # Only possible without row locks (SQLite with an outside writer): retry one by one
             # so a single contested row cannot hold the batch hostage.

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import random
 import sys
@@ -23,23 +25,30 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from accountd.adapters.loader import LoadedRow, heartbeats_after, iter_loaded
 from accountd.adapters.repository import (
     AccountRepository,
     AccountRow,
     TransitionRequest,
+    from_db_time,
     to_db_time,
 )
 from accountd.adapters.worker import WorkerClient
 from accountd.daemon.clock import Clock
 from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
 from accountd.daemon.door import Change, Door, Planned, Redirect
+from accountd.daemon.outage import OutageGuard
 from accountd.daemon.policy import (
+    ALERT_FLAPPING,
+    ALERT_QR_NOT_SCANNED,
+    ALERT_RECOVERY_EXHAUSTED,
     MassOfflineDetector,
     PolicyConfig,
     RecoveryDecision,
     RecoveryLimiter,
     RecoveryPolicy,
     backoff_delay,
+    is_flapping,
 )
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
 from accountd.errors import Overloaded, WorkerRejected, WorkerTransient
@@ -55,6 +64,19 @@ RECOVER = "recover"  # offline: backoff elapsed → `recover`
 RETRY_ERROR = "retry_error"  # error: error_retry_after elapsed → `recover` with a fresh budget
 FAIL = "fail"  # the recovery policy gave up → `fail`
 START = "start"  # created: ask the worker to open a session → `start`
+
+# This many heartbeat deadlines within one slice of time make a mass event (a worker host died):
+# 50 in 100 ms is 500 accounts a second going silent together.
+MASS_EVENT = 50
+MASS_SLICE = 0.1
+# Accounts of a mass event re-checked against the database at once (before firing).
+MASS_CHECK = 5000
+
+# Accounts per `write_heartbeats` call of a flush (see `Supervisor.flush_heartbeats`).
+FLUSH_SLICE = 5000
+# Rows per page, and per call, of the pick-up of others' heartbeat writes (`poll_db_heartbeats`).
+POLL_PAGE = 2000
+POLL_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +160,11 @@ class Supervisor:
         self.counts: Counter[State] = Counter({s: 0 for s in State})
         self.deadlines = DeadlineQueue()
         self.runner = DeadlineRunner(self.deadlines, self._on_due, clock=clock)
-        self.door = Door(repo, self, batch_size=batch_size)
+        # Two transactions in flight overlap our Python with the server's work; SQLite has a
+        # single writer, so a second one would only wait for the lock.
+        self.door = Door(
+            repo, self, batch_size=batch_size, pipeline=2 if repo.dialect == "mysql" else 1
+        )
         self.policy = RecoveryPolicy(cfg, rng=self.rng)
         self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
         self.mass = MassOfflineDetector(
@@ -152,6 +178,8 @@ class Supervisor:
         self.listeners: list[TransitionListener] = []
         self.group_listeners: list[GroupListener] = []
         self.heartbeats_received = 0
+        #: Rows the heartbeat flush wrote (accountd_heartbeats_persisted_total).
+        self.heartbeats_persisted = 0
         # Metrics hooks: (database, operation, seconds) after a timed write/load; (database)
         # after a failed one. Set by accountd.daemon.metrics.Metrics.attach.
         self.on_db_time: Callable[[str, str, float], None] | None = None
@@ -160,18 +188,26 @@ class Supervisor:
         self.started_at = clock.now()
         # Why paused accounts were paused (accountd_supervision.paused_reason); paused only.
         self.paused_reasons: dict[str, str] = {}
-        # Heartbeats waiting to be written: account id → time (at most one per account).
+        # Heartbeats waiting to be written: account id → time (at most one per account; when
+        # each account was last queued is `Account.persisted_at`).
         self._dirty: dict[str, float] = {}
-        self._persisted: dict[str, float] = {}
         self._last_error: dict[str, str] = {}
         self._recover_pending = 0
         # Accounts due for recovery while every slot was taken: (id, kind, version), FIFO.
         self._recover_queue: deque[tuple[str, str, int]] = deque()
-        # Why a scheduled `fail` will fire (the decision's words), for the error_message.
-        self._fail_reasons: dict[str, tuple[str, str | None]] = {}
         self._calls: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._call_tasks: list[asyncio.Task[None]] = []
+        # Accounts whose heartbeat deadline passed, waiting for the database re-check (see
+        # `_check_stale`): small rounds first, so a mass event's rounds cannot hold them up.
+        self._stale_small: deque[list[Account]] = deque()
+        self._stale_mass: deque[list[Account]] = deque()
+        self._stale_wakeup = asyncio.Event()
+        self._stale_task: asyncio.Task[None] | None = None
+        self._stale_busy = False
         self._internal: set[asyncio.Future[ItemResult]] = set()
+        # Stalls and database outages (accountd.daemon.outage): checks that fell while the daemon
+        # was deaf are moved instead of fired. Set by the daemon; None in bare engine tests.
+        self.outage: OutageGuard | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -182,9 +218,11 @@ class Supervisor:
         load_started = time.perf_counter()
         repairs: list[dict[str, Any]] = []
         created: list[str] = []
-        async for page in self.repo.iter_accounts(self.page_size):
+        beats: dict[float, float] = {}
+        adopt, make = self._adopt_loaded, LoadedRow._make
+        async for page in iter_loaded(self.repo.engine, self.page_size):
             for row in page:
-                acc = self._adopt(row, now, repairs)
+                acc = adopt(make(row), now, repairs, beats)
                 if acc.status is State.created:
                     created.append(acc.id)
         if repairs:
@@ -204,6 +242,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self.door.start()
+        self._stale_task = asyncio.create_task(self._check_stale(), name="accountd-stale-check")
         await self.runner.start()
         for i in range(self.worker_concurrency):
             self._call_tasks.append(
@@ -213,6 +252,13 @@ class Supervisor:
     async def stop(self, grace: float = 10.0) -> None:
         """Finish in-flight transitions (bounded), flush heartbeats, stop every task."""
         await self.runner.stop()
+        if self._stale_task is not None:
+            # Candidates not yet re-checked are dropped: after a restart their deadlines are
+            # restored from the heartbeat times (plus the start-up grace) and fire again.
+            self._stale_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stale_task
+            self._stale_task = None
         await self.door.drain(grace)
         await self.door.stop()
         for task in self._call_tasks:
@@ -240,37 +286,76 @@ class Supervisor:
     # ---------------------------------------------------------------- loading
 
     def _adopt(self, row: AccountRow, now: float, repairs: list[dict[str, Any]]) -> Account:
+        """Adopt a row the repository read (a new account, or a lost compare-and-set)."""
+        sup = row.supervision or {}
+        loaded = LoadedRow(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            wework_guid=row.wework_guid,
+            status=row.status,
+            last_heartbeat_at=row.last_heartbeat_at,
+            has_supervision=row.supervision is not None,
+            s_status=sup.get("status"),
+            entered_at=_ts(sup.get("entered_at")),
+            attempts=sup.get("attempts"),
+            qr_refreshes=sup.get("qr_refreshes"),
+            next_action=sup.get("next_action"),
+            next_action_at=_ts(sup.get("next_action_at")),
+            online_since=_ts(sup.get("online_since")),
+            offline_history=json.dumps(sup.get("offline_history") or []),
+            paused=bool(sup.get("paused")),
+            paused_reason=sup.get("paused_reason"),
+        )
+        return self._adopt_loaded(loaded, now, repairs)
+
+    def _adopt_loaded(
+        self,
+        row: LoadedRow,
+        now: float,
+        repairs: list[dict[str, Any]],
+        beats: dict[float, float] | None = None,
+    ) -> Account:
+        """Take one account into memory and arm its next deadline.
+
+        `beats` interns heartbeat times during a load: the database keeps whole seconds, so
+        thousands of accounts share each value (one float object each instead of one per
+        account: 24 MB at a million).
+        """
         status = State(row.status)
-        sup = row.supervision
+        beat = row.last_heartbeat_at
+        if beats is not None and beat is not None:
+            beat = beats.setdefault(beat, beat)
         acc = Account(
             id=row.id,
             tenant_id=sys.intern(row.tenant_id),
             wework_guid=row.wework_guid,
             status=status,
             entered_at=now,
-            last_heartbeat=row.last_heartbeat_at,
+            last_heartbeat=beat,
         )
         self.accounts[acc.id] = acc
         self.by_guid[acc.wework_guid] = acc.id
         self.counts[status] += 1
         self.mass.add(acc.tenant_id)
-        if sup is not None and sup["paused"] and sup.get("paused_reason"):
-            self.paused_reasons[acc.id] = str(sup["paused_reason"])
-        if sup is not None and sup.get("status") == row.status:
-            acc.entered_at = _ts(sup["entered_at"]) or now
-            acc.attempts = int(sup["attempts"] or 0)
-            acc.qr_refreshes = int(sup["qr_refreshes"] or 0)
-            acc.online_since = _ts(sup["online_since"])
-            acc.offline_history = tuple(float(x) for x in (sup["offline_history"] or ()))
-            acc.paused = bool(sup["paused"])
-            acc.next_action = sup["next_action"]
-            acc.next_action_at = _ts(sup["next_action_at"])
+        if row.has_supervision and row.paused and row.paused_reason:
+            self.paused_reasons[acc.id] = str(row.paused_reason)
+        if row.has_supervision and row.s_status == row.status:
+            acc.entered_at = row.entered_at or now
+            acc.attempts = int(row.attempts or 0)
+            acc.qr_refreshes = int(row.qr_refreshes or 0)
+            # Online since it entered online, usually: then one float object for both.
+            since = row.online_since
+            acc.online_since = acc.entered_at if since == row.entered_at else since
+            acc.offline_history = _history(row.offline_history)
+            acc.paused = bool(row.paused)
+            acc.next_action = row.next_action
+            acc.next_action_at = row.next_action_at
         else:
             # New to us, or its status was changed behind our back: supervise it as if it had
             # just entered its state, and write that down so a restart agrees.
-            if sup is not None:
-                acc.attempts = int(sup["attempts"] or 0)
-                acc.paused = bool(sup["paused"])
+            if row.has_supervision:
+                acc.attempts = int(row.attempts or 0)
+                acc.paused = bool(row.paused)
             action = self._entry_action(acc, status, now)
             acc.next_action = action.kind if action else None
             acc.next_action_at = action.at if action else None
@@ -337,7 +422,6 @@ class Supervisor:
             self.mass.remove(acc.tenant_id)
             self.runner.cancel(account_id)
             self._dirty.pop(account_id, None)
-            self._persisted.pop(account_id, None)
             self.paused_reasons.pop(account_id, None)
             log.info("account %s was deleted from the database; no longer supervised", account_id)
 
@@ -495,6 +579,8 @@ class Supervisor:
             delay = backoff_delay(acc.attempts + 1, base=cfg.base, cap=cfg.cap, rng=self.rng)
             return Action(RECOVER, now + delay)
         if state is State.error and cfg.error_retry_after > 0:
+            if acc.qr_refreshes > cfg.qr_max_refreshes:
+                return None  # failed for a QR nobody scanned: waits for an admin
             return Action(RETRY_ERROR, now + cfg.error_retry_after)
         return None
 
@@ -518,10 +604,6 @@ class Supervisor:
         if new is State.online:
             acc.last_heartbeat = now
         self._arm(acc, now)
-        if action is not None and action.kind == FAIL:
-            self._fail_reasons[acc.id] = (action.note, effects.alert)
-        elif self._fail_reasons:
-            self._fail_reasons.pop(acc.id, None)
         if effects.call is not None:
             self._calls.put_nowait((effects.call, acc.id))
         if old is State.recovering:
@@ -569,9 +651,18 @@ class Supervisor:
                 last = max(acc.last_heartbeat or 0.0, acc.entered_at)
                 if last + self.cfg.heartbeat_timeout > now:
                     self.runner.set(acc.id, last + self.cfg.heartbeat_timeout, HEARTBEAT)
+                elif self.outage is not None and (
+                    later := self.outage.excuse_heartbeat(last, self.cfg.heartbeat_timeout, now)
+                ):
+                    self.runner.set(acc.id, later, HEARTBEAT)
                 else:
                     stale.append(acc)
             elif kind == TIMEOUT:
+                if self.outage is not None and (
+                    later := self.outage.excuse_deadline(acc.next_action_at or now, now)
+                ):
+                    self.runner.set(acc.id, later, TIMEOUT)
+                    continue
                 seconds = self.cfg.deadlines.get(str(acc.status), 0)
                 cause = f"no progress in {acc.status} within {seconds:g}s"
                 details: dict[str, Any] | None = None
@@ -582,31 +673,78 @@ class Supervisor:
                     cause += " (the last worker call failed)"
                     details = {"error_details": f"last worker error: {err}"}
                 self._fire(
-                    Change(acc.id, Trigger.timeout, cause, data=details, expect_state=acc.status)
+                    Change(acc.id, Trigger.timeout, cause, data=details, expect_state=acc.status),
+                    retry=TIMEOUT,
                 )
             elif kind in (RECOVER, RETRY_ERROR):
                 self._try_recover(acc, kind, now)
             elif kind == FAIL:
-                why, alert = self._fail_reasons.pop(
-                    acc.id, ("recovery policy gave up (see the previous log row)", None)
-                )
+                why, alert = self._why_fail(acc, now)
+                data: dict[str, Any] = {"error": alert, "alert": alert}
+                if alert == ALERT_QR_NOT_SCANNED:
+                    data["needs_human"] = True  # a QR nobody scans is never retried unattended
                 self._fire(
-                    Change(
-                        acc.id,
-                        Trigger.fail,
-                        why.removeprefix("fail: "),
-                        data={"error": alert or "recovery_gave_up", "alert": alert},
-                        expect_state=acc.status,
-                    )
+                    Change(acc.id, Trigger.fail, why, data=data, expect_state=acc.status),
+                    retry=FAIL,
                 )
             elif kind == START:
                 self._fire(
                     Change(
                         acc.id, Trigger.start, "new account picked up", expect_state=State.created
-                    )
+                    ),
+                    retry=START,
                 )
         if stale:
-            await self._heartbeat_lost(stale, now)
+            self._queue_stale(stale)
+
+    def _queue_stale(self, stale: list[Account]) -> None:
+        """Hand expired heartbeats to the re-check task, a mass event's apart from the rest.
+
+        A mass event is many deadlines at (nearly) the same instant: at least `MASS_EVENT`
+        accounts whose deadlines share one `MASS_SLICE` of time. Counting per slice rather
+        than per round keeps everyone else out of it even when the runner lags behind and a
+        round holds a second's worth of ordinary expiries.
+        """
+        slices = [int(max(a.last_heartbeat or 0.0, a.entered_at) / MASS_SLICE) for a in stale]
+        crowd = Counter(slices)
+        mass: list[Account] = []
+        rest: list[Account] = []
+        for acc, k in zip(stale, slices, strict=True):
+            (mass if crowd[k] >= MASS_EVENT else rest).append(acc)
+        if mass:
+            self._stale_mass.append(mass)
+        if rest:
+            self._stale_small.append(rest)
+        # The database re-check runs in its own task: awaited here, a mass event's re-checks
+        # (one query per round) held up every later deadline of everyone else.
+        self._stale_busy = True
+        self._stale_wakeup.set()
+
+    @property
+    def busy(self) -> bool:
+        """Deadlines being handled or heartbeat losses being re-checked (tests settle on it)."""
+        return self.runner.busy or self._stale_busy
+
+    async def _check_stale(self) -> None:
+        """Re-check and fire heartbeat losses, small rounds before a mass event's rounds."""
+        while True:
+            if not self._stale_small and not self._stale_mass:
+                self._stale_busy = False
+                self._stale_wakeup.clear()
+                await self._stale_wakeup.wait()
+                continue
+            mass = not self._stale_small
+            if mass:
+                # Several rounds of a mass event in one re-check: fewer round trips.
+                stale = self._stale_mass.popleft()
+                while self._stale_mass and len(stale) < MASS_CHECK:
+                    stale += self._stale_mass.popleft()
+            else:
+                stale = self._stale_small.popleft()
+            try:
+                await self._heartbeat_lost(stale, self.clock.now(), bulk=mass)
+            except Exception:  # boundary: one bad round must not stop detection for everyone
+                log.exception("heartbeat-loss check of %d accounts failed", len(stale))
 
     def _try_recover(self, acc: Account, kind: str, now: float) -> None:
         if acc.paused:
@@ -643,6 +781,17 @@ class Supervisor:
         else:
             self._recover_pending -= 1
 
+    def _why_fail(self, acc: Account, now: float) -> tuple[str, str]:
+        """Why the recovery policy gave up, derived from the persisted counters (so a restart
+        between the decision and the `fail` loses nothing): the reason and its alert."""
+        cfg = self.cfg
+        if acc.qr_refreshes > cfg.qr_max_refreshes:
+            return f"QR not scanned after {cfg.qr_max_refreshes} refreshes", ALERT_QR_NOT_SCANNED
+        if is_flapping(acc.offline_history, now, cfg.flap_count, cfg.flap_window):
+            flaps = len(acc.offline_history)
+            return f"flapping: {flaps} drops within {cfg.flap_window:g}s", ALERT_FLAPPING
+        return f"gave up after {acc.attempts} recovery attempts", ALERT_RECOVERY_EXHAUSTED
+
     def _recover_done(self, _fut: asyncio.Future[ItemResult]) -> None:
         self._recover_pending -= 1
         self._slot_freed()
@@ -658,21 +807,32 @@ class Supervisor:
             if acc is not None and acc.version == version and acc.status in _RECOVERABLE:
                 self._try_recover(acc, kind, now)
 
-    async def _heartbeat_lost(self, stale: list[Account], now: float) -> None:
+    async def _heartbeat_lost(self, stale: list[Account], now: float, *, bulk: bool) -> None:
         # Other services may write last_heartbeat_at directly: ask the database before declaring
         # the accounts stale (cost proportional to the expirations, by primary key).
+        timeout = self.cfg.heartbeat_timeout
         try:
-            rows = await self.repo.get_accounts([a.id for a in stale])
+            beats = await self.repo.fresh_heartbeats([a.id for a in stale], now - timeout)
         except Exception:  # boundary: the DB is down; memory decides, the door will retry
             log.warning("could not re-check %d stale heartbeats in the database", len(stale))
-            rows = {}
-        timeout = self.cfg.heartbeat_timeout
+            if self.outage is not None:
+                self.outage.db_failed(now)  # the decisions below wait for it to come back
+            beats = {}
+        # ``bulk``: a mass event (a worker host died); its changes take the door's bulk lane so
+        # that everyone else's still commit on time.
         for acc in stale:
-            row = rows.get(acc.id)
-            db_beat = row.last_heartbeat_at if row is not None else None
-            if db_beat is not None and db_beat + timeout > now:
-                acc.last_heartbeat = max(acc.last_heartbeat or 0.0, db_beat)
-                self.runner.set(acc.id, db_beat + timeout, HEARTBEAT)
+            if acc.status is not State.online:
+                continue  # moved on while waiting for the check (an event, an admin)
+            # A heartbeat that arrived meanwhile (ingest), or one another service wrote.
+            beat = max(acc.last_heartbeat or 0.0, acc.entered_at, beats.get(acc.id, 0.0))
+            if beat + timeout > now:
+                acc.last_heartbeat = max(acc.last_heartbeat or 0.0, beat)
+                self.runner.set(acc.id, beat + timeout, HEARTBEAT)
+                continue
+            if self.outage is not None and (
+                later := self.outage.excuse_heartbeat(beat, timeout, now)
+            ):
+                self.runner.set(acc.id, later, HEARTBEAT)
                 continue
             last = acc.last_heartbeat
             ago = f"{now - last:.1f}s ago" if last else "never"
@@ -683,15 +843,26 @@ class Supervisor:
                     f"no heartbeat within {timeout:g}s (last {ago})",
                     expect_state=State.online,
                     expect_version=acc.version,
-                )
+                ),
+                bulk=bulk,
+                retry=HEARTBEAT,
             )
 
-    def _fire(self, change: Change) -> asyncio.Future[ItemResult] | None:
-        """Fire a change decided by the daemon itself; outcomes other than applied are logged."""
+    def _fire(
+        self, change: Change, *, bulk: bool = False, retry: str | None = None
+    ) -> asyncio.Future[ItemResult] | None:
+        """Fire a change decided by the daemon itself; outcomes other than applied are logged.
+
+        When the door is full (a database outage), a decision that came from a deadline is not
+        dropped: ``retry`` names the deadline kind to re-arm a moment later.
+        """
         try:
-            fut = self.door.fire(change)
+            fut = self.door.fire(change, bulk=bulk)
         except Overloaded as exc:
-            log.warning("could not queue %s for %s: %s", change.trigger, change.account_id, exc)
+            if retry is not None:
+                later = self.clock.now() + exc.retry_after + self.rng.uniform(0, 1.0)
+                self.runner.set(change.account_id, later, retry)
+            log.debug("could not queue %s for %s: %s", change.trigger, change.account_id, exc)
             return None
         self._internal.add(fut)
         fut.add_done_callback(self._internal_done)
@@ -771,27 +942,23 @@ class Supervisor:
     ) -> list[ItemResult]:
         # Memory is authoritative for detection and the daemon's own clock decides staleness
         # (a worker's clock may be off); the database write is coalesced and rate-limited.
+        # The hot loop of the ingest path (a million accounts beat every 15 s): one dict lookup
+        # and two slot writes per item; every account of the batch shares the one `now` float.
         now = self.clock.now()
-        accounts = self.accounts
         dirty = self._dirty
-        persisted = self._persisted
-        interval = self.persist_interval
-        applied = ItemResult.APPLIED
-        unknown = ItemResult.UNKNOWN_ACCOUNT
-        out: list[ItemResult] = []
-        append = out.append
-        for account_id in account_ids:
-            acc = accounts.get(account_id)
+        due_before = now - self.persist_interval
+        results = [ItemResult.APPLIED] * len(account_ids)
+        found = map(self.accounts.get, account_ids)
+        for i, acc in enumerate(found):
             if acc is None:
-                append(unknown)
+                results[i] = ItemResult.UNKNOWN_ACCOUNT
                 continue
             acc.last_heartbeat = now
-            if now - persisted.get(account_id, 0.0) >= interval:
-                dirty[account_id] = now
-                persisted[account_id] = now
-            append(applied)
+            if acc.persisted_at <= due_before:
+                dirty[acc.id] = now
+                acc.persisted_at = now
         self.heartbeats_received += len(account_ids)
-        return out
+        return results
 
     async def apply_events(self, events: Sequence[WorkerEvent]) -> list[ItemResult]:
         results: list[ItemResult | None] = [None] * len(events)
@@ -822,35 +989,78 @@ class Supervisor:
     # ---------------------------------------------------------------- heartbeats to the DB
 
     async def flush_heartbeats(self, *, force: bool = False) -> int:
-        """Write the coalesced heartbeats (one UPDATE per distinct second, not per account)."""
-        if not self._dirty:
+        """Write the coalesced heartbeats to last_heartbeat_at; returns the rows written.
+
+        Takes the oldest `FLUSH_SLICE` accounts off the queue at a time, one repository call
+        each, up to as many as were queued when it began (newer ones wait for the next flush):
+
+        - the repository groups a call's accounts by second before its first await, so one
+          call for a million accounts held the event loop for about a second; a slice is
+          milliseconds, and each statement's round trip lets the rest of the daemon run;
+        - the queue is never swapped for a fresh dict, so a flush that the database makes slow
+          does not keep a second million-entry dict alive beside the one filling up, and a
+          heartbeat arriving meanwhile coalesces with the one still queued.
+        """
+        dirty = self._dirty
+        budget = len(dirty)
+        if not budget:
             return 0
-        batch, self._dirty = self._dirty, {}
         started = time.perf_counter()
+        written = 0
+        piece: dict[str, float] = {}
         try:
-            written = await self.repo.write_heartbeats(batch)
-        except Exception:
-            # Keep them for the next flush (newer values win) instead of losing them.
-            for account_id, ts in batch.items():
-                if self._dirty.get(account_id, 0.0) < ts:
-                    self._dirty[account_id] = ts
-            if self.on_db_error is not None:
+            while budget > 0 and dirty:
+                piece = dict(itertools.islice(dirty.items(), min(budget, FLUSH_SLICE)))
+                for account_id in piece:
+                    del dirty[account_id]
+                budget -= len(piece)
+                rows = await self.repo.write_heartbeats(piece)
+                written += rows
+                self.heartbeats_persisted += rows  # as it happens: a flush can take a while
+                piece = {}
+        except BaseException as exc:
+            # Keep the failed slice for the next flush; rewriting a row that did get written
+            # is harmless: the write never moves it back.
+            self._requeue(piece)
+            if isinstance(exc, Exception) and self.on_db_error is not None:
                 self.on_db_error("platform")
             raise
         if self.on_db_time is not None:
             self.on_db_time("platform", "heartbeat_flush", time.perf_counter() - started)
         return written
 
+    def _requeue(self, beats: dict[str, float]) -> None:
+        dirty = self._dirty
+        for account_id, ts in beats.items():
+            if dirty.get(account_id, 0.0) < ts:  # a newer heartbeat queued meanwhile wins
+                dirty[account_id] = ts
+
     async def poll_db_heartbeats(self, since: float) -> float:
-        """Pick up heartbeats other services wrote to last_heartbeat_at; return the watermark."""
-        rows = await self.repo.heartbeats_since(to_db_time(since) or datetime.min)
+        """Pick up heartbeats other services wrote to last_heartbeat_at; return the watermark.
+
+        Reads rows at or after `since` in pages of `POLL_PAGE` (at most `POLL_MAX` a call). At a
+        million accounts our own flush writes tens of thousands of rows a second, and reading
+        them back as one 100,000-row result held the event loop for half a second every poll
+        (accountctl and /metrics waited behind it); a page is a few milliseconds, and every page
+        is a database round trip where the rest of the daemon gets its turn. Each call starts
+        again at the watermark's second, so rows written later within that second are not lost.
+        """
+        start = to_db_time(since) or datetime.min
+        mark, after_id = start, ""
         newest = since
-        for account_id, ts in rows:
-            newest = max(newest, ts)
-            acc = self.accounts.get(account_id)
-            if acc is not None and (acc.last_heartbeat or 0.0) < ts:
-                acc.last_heartbeat = ts
-        return newest
+        accounts = self.accounts
+        for _ in range(POLL_MAX // POLL_PAGE):
+            rows = await heartbeats_after(self.repo.engine, mark, after_id, POLL_PAGE)
+            for account_id, ts in rows:
+                acc = accounts.get(account_id)
+                if acc is not None and (acc.last_heartbeat or 0.0) < ts:
+                    acc.last_heartbeat = ts
+            if rows:
+                after_id, newest = rows[-1]
+                mark = to_db_time(newest) or start
+            if len(rows) < POLL_PAGE:
+                break
+        return max(since, newest)
 
     # ---------------------------------------------------------------- admin helpers
 
@@ -912,12 +1122,17 @@ class Supervisor:
         return True
 
 
+def _history(text: str | None) -> tuple[float, ...]:
+    """``offline_history`` from its JSON text; ``[]`` (nearly every row) costs no parse."""
+    if not text or text == "[]":
+        return ()
+    return tuple(float(x) for x in json.loads(text))
+
+
 def _ts(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        from accountd.adapters.repository import from_db_time
-
         return from_db_time(value)
     return float(value)
 

@@ -1,0 +1,168 @@
+"""The multi-row statements of a transition batch, rendered as plain driver SQL.
+
+`AccountRepository.apply_transitions` writes hundreds of accounts per transaction. Through
+SQLAlchemy Core each of those statements is compiled per batch (``IN`` lists of varying length),
+and every row's parameters pass through per-row bind processors; on aiomysql each parameter is
+then escaped in Python. For a batch of 500 that Python work took longer than the server's (see
+docs/benchmarks.md), so the hot statements are rendered here once per batch, straight into the
+driver's own parameter style, and executed with ``exec_driver_sql``.
+
+Every value is still a bound parameter (never spliced into the SQL text); only column and table
+names, which are fixed here, are part of the text. `Binds` gives equal values one shared
+parameter: in a mass change most columns repeat (the same old and new status, the same
+``entered_at``, NULLs, zeros), so aiomysql escapes about four values per account instead of
+twenty-odd.
+
+Values must already be in their database form: `sql_time` for datetimes (the text form
+SQLAlchemy's SQLite ``DateTime`` stores and MySQL accepts), JSON as a string, booleans as-is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+# Columns of wework_accounts an `update_status` may set besides the status (BRIEF §3).
+SETTABLE_WITH_STATUS = frozenset({"login_qr_code", "error_message"})
+
+# The columns of the rows written here, in statement order.
+LOG_COLUMNS = (
+    "id",
+    "account_id",
+    "old_status",
+    "new_status",
+    "change_reason",
+    "error_details",
+    "operator_id",
+)
+SUPERVISION_COLUMNS = (
+    "account_id",
+    "status",
+    "entered_at",
+    "attempts",
+    "qr_refreshes",
+    "next_action",
+    "next_action_at",
+    "online_since",
+    "offline_history",
+    "paused",
+    "paused_reason",
+    "last_log_id",
+    "epoch",
+    "updated_at",
+)
+
+
+def sql_time(value: dt.datetime | None) -> str | None:
+    """A naive UTC datetime as ``YYYY-MM-DD HH:MM:SS.ffffff`` (what the DateTime type stores)."""
+    return None if value is None else value.isoformat(" ", "microseconds")
+
+
+class Binds:
+    """Named parameters of one driver-level statement; equal values share one parameter."""
+
+    def __init__(self, dialect: str) -> None:
+        # aiomysql interpolates ``%(name)s`` (pyformat); sqlite3 binds ``:name``.
+        self._open, self._close = ("%(", ")s") if dialect == "mysql" else (":", "")
+        self.params: dict[str, Any] = {}
+        # Keyed by (type, value): True == 1 == 1.0 would otherwise share a parameter.
+        self._marks: dict[tuple[type, Any], str] = {}
+
+    def __call__(self, value: Any) -> str:
+        """The placeholder for ``value`` (hashable: str, int, float, bool or None)."""
+        key = (value.__class__, value)
+        mark = self._marks.get(key)
+        if mark is None:
+            name = f"p{len(self.params)}"
+            self.params[name] = value
+            mark = self._marks[key] = self._open + name + self._close
+        return mark
+
+    def row(self, values: Iterable[Any]) -> str:
+        """``(…, …)`` for one row. The loop of `__call__`, inlined: it runs ~20 times per
+        account in a batch, and the call overhead was a visible share of the profile."""
+        marks, params = self._marks, self.params
+        out = []
+        for value in values:
+            key = (value.__class__, value)
+            mark = marks.get(key)
+            if mark is None:
+                name = f"p{len(params)}"
+                params[name] = value
+                mark = marks[key] = self._open + name + self._close
+            out.append(mark)
+        return "(" + ", ".join(out) + ")"
+
+
+def update_status(
+    b: Binds, ids: Sequence[str], expected: str, new: str, extra: Sequence[tuple[str, Any]]
+) -> str:
+    """The grouped compare-and-set: ``UPDATE … WHERE status = expected AND id IN (…)``.
+
+    ``extra`` holds (column, value) pairs; the caller admits only whitelisted columns.
+    """
+    bad = [col for col, _ in extra if col not in SETTABLE_WITH_STATUS]
+    if bad:
+        raise ValueError(f"columns not settable with a status change: {bad}")
+    sets = ", ".join([f"status = {b(new)}", *(f"{col} = {b(val)}" for col, val in extra)])
+    in_list = ", ".join([b(i) for i in ids])
+    # S608: the text holds fixed names and placeholders only; every value is a bound parameter.
+    return f"UPDATE wework_accounts SET {sets} WHERE status = {b(expected)} AND id IN ({in_list})"  # noqa: S608
+
+
+def insert_logs(b: Binds, rows: Iterable[Sequence[Any]]) -> str:
+    """One multi-row INSERT of account_status_logs rows (values in `LOG_COLUMNS` order)."""
+    values = ", ".join([b.row(r) for r in rows])
+    return f"INSERT INTO account_status_logs ({', '.join(LOG_COLUMNS)}) VALUES {values}"  # noqa: S608
+
+
+def upsert_supervision(
+    b: Binds, rows: Iterable[Sequence[Any]], dialect: str, *, mysql_alias: bool = False
+) -> str:
+    """One multi-row insert-or-update of accountd_supervision (`SUPERVISION_COLUMNS` order)."""
+    values = ", ".join([b.row(r) for r in rows])
+    sql = f"INSERT INTO accountd_supervision ({', '.join(SUPERVISION_COLUMNS)}) VALUES {values}"  # noqa: S608
+    rest = SUPERVISION_COLUMNS[1:]
+    if dialect != "mysql":
+        return f"{sql} ON CONFLICT (account_id) DO UPDATE SET " + ", ".join(
+            f"{c} = excluded.{c}" for c in rest
+        )
+    if mysql_alias:
+        # MySQL 8.0.20+ deprecates VALUES() here in favour of a row alias; MariaDB has no alias.
+        return f"{sql} AS new ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = new.{c}" for c in rest)
+    return f"{sql} ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in rest)
+
+
+def supervision_values(row: Mapping[str, Any], dumps: Any) -> tuple[Any, ...]:
+    """A complete supervision row (see the repository) in `SUPERVISION_COLUMNS` order."""
+    history = row["offline_history"]
+    return (
+        row["account_id"],
+        row["status"],
+        sql_time(row["entered_at"]),
+        row["attempts"],
+        row["qr_refreshes"],
+        row["next_action"],
+        sql_time(row["next_action_at"]),
+        sql_time(row["online_since"]),
+        "[]" if not history else dumps(list(history)),
+        row["paused"],
+        row["paused_reason"],
+        row["last_log_id"],
+        row["epoch"],
+        sql_time(row["updated_at"]),
+    )
+
+
+__all__ = [
+    "LOG_COLUMNS",
+    "SETTABLE_WITH_STATUS",
+    "SUPERVISION_COLUMNS",
+    "Binds",
+    "insert_logs",
+    "sql_time",
+    "supervision_values",
+    "update_status",
+    "upsert_supervision",
+]

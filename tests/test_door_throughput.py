@@ -1,0 +1,195 @@
+"""The throughput machinery of the one door, on real databases (SQLite, and MariaDB when set).
+
+What made mass events fast must not cost a guarantee: driver-level multi-row statements keep
+every value a bound parameter and write the same rows SQLAlchemy did; the bulk lane lets a
+mass event through without starving anyone else; two batches in flight keep each account's
+changes in order; the heartbeat re-check reads back only fresh rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select, update
+
+from accountd.adapters.batch_sql import Binds, update_status
+from accountd.adapters.repository import Applied, TransitionRequest, to_db_time
+from accountd.adapters.schema import accountd_supervision, wework_accounts
+from accountd.daemon.door import Change
+from accountd.daemon.policy import PolicyConfig
+from accountd.daemon.protocol import ItemResult
+from accountd.statemachine import State, Trigger
+from tests.test_engine import Rig, open_rig, settle
+
+QUIET = PolicyConfig(heartbeat_timeout=600, base=600, cap=600)
+
+
+@pytest.fixture
+async def rig(migrated_urls: dict[str, str]) -> AsyncIterator[Rig]:
+    async with open_rig(migrated_urls) as r:
+        yield r
+
+
+def test_equal_values_share_one_parameter_but_types_stay_apart() -> None:
+    b = Binds("mysql")
+    marks = [b("online"), b("online"), b(None), b(None), b(1), b(True), b(1.0), b(0), b(False)]
+    assert marks[0] == marks[1] == "%(p0)s"
+    assert marks[2] == marks[3]
+    assert len(set(marks[4:])) == 5  # 1, True, 1.0, 0, False: five parameters
+    assert b.params["p0"] == "online" and len(b.params) == 7
+    assert Binds("sqlite")("x") == ":p0"
+
+
+def test_update_status_admits_only_whitelisted_columns() -> None:
+    b = Binds("mysql")
+    sql = update_status(b, ["a", "b"], "online", "offline", [("error_message", "x")])
+    assert "id IN (%(p" in sql and "'" not in sql  # placeholders only, no literal values
+    try:
+        update_status(Binds("mysql"), ["a"], "online", "offline", [("status = 'x', id", 1)])
+    except ValueError as exc:
+        assert "not settable" in str(exc)
+    else:
+        raise AssertionError("an arbitrary column name must be refused")
+
+
+async def test_hostile_text_and_supervision_values_round_trip_through_the_batch(
+    rig: Rig,
+) -> None:
+    ids = await rig.insert([State.online] * 3)
+    hostile = "x'); DROP TABLE account_status_logs; -- %s %(p0)s :p0 ? \\ \u2603"
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456)
+    requests = [
+        TransitionRequest(
+            account_id,
+            "online",
+            "error",
+            f"fail: {hostile}",
+            error_details=hostile,
+            fields={"error_message": hostile},
+            supervision={
+                "entered_at": when,
+                "attempts": 3,
+                "qr_refreshes": 1,
+                "next_action": "recover",
+                "next_action_at": when + dt.timedelta(seconds=k),
+                "online_since": None,
+                "offline_history": [1.5, 2.25],
+                "paused": k == 1,
+                "paused_reason": hostile if k == 1 else None,
+            },
+        )
+        for k, account_id in enumerate(ids)
+    ]
+    outcomes = await rig.repo.apply_transitions(requests)
+    assert all(isinstance(o, Applied) for o in outcomes)
+    for k, account_id in enumerate(ids):
+        (log,) = await rig.logs(account_id)
+        assert (log["old_status"], log["new_status"]) == ("online", "error")
+        assert log["change_reason"] == f"fail: {hostile}"
+        assert log["error_details"] == hostile
+        row = (await rig.rows([account_id]))[account_id]
+        assert row["status"] == "error" and row["error_message"] == hostile
+        sup = await rig.supervision(account_id)
+        assert sup["status"] == "error" and sup["last_log_id"] == log["id"]
+        assert sup["entered_at"] == when
+        assert sup["next_action_at"] == when + dt.timedelta(seconds=k)
+        assert (sup["attempts"], sup["qr_refreshes"], sup["next_action"]) == (3, 1, "recover")
+        history = sup["offline_history"]
+        assert (json.loads(history) if isinstance(history, str) else history) == [1.5, 2.25]
+        assert bool(sup["paused"]) is (k == 1)
+        assert sup["paused_reason"] == (hostile if k == 1 else None)
+        assert sup["online_since"] is None
+
+
+async def test_fresh_heartbeats_reads_back_only_rows_at_or_after_the_cutoff(rig: Rig) -> None:
+    now = float(int(rig.clock.now()))
+    old, fresh, never = await rig.insert([State.online] * 3, heartbeat=now - 100)
+    async with rig.dbs.platform.begin() as conn:
+        a = wework_accounts
+        await conn.execute(
+            update(a).where(a.c.id == fresh).values(last_heartbeat_at=to_db_time(now))
+        )
+        await conn.execute(update(a).where(a.c.id == never).values(last_heartbeat_at=None))
+    found = await rig.repo.fresh_heartbeats([old, fresh, never, "missing"], now - 45)
+    assert found == {fresh: now}
+
+
+async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig) -> None:
+    n = 3000
+    bulk_ids = await rig.insert([State.online] * n, heartbeat=rig.clock.now())
+    (other,) = await rig.insert([State.online], heartbeat=rig.clock.now())
+    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=500)
+    await sup.load()
+    order: list[str] = []
+    sup.listeners.append(lambda ev: order.append(ev.account.id))
+    await sup.start()
+    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
+    futures = sup.door.fire_many(bulk, bulk=True)
+    late = sup.door.fire(Change(other, Trigger.logged_out, "fired after the mass"))
+    assert await asyncio.wait_for(late, 60) is ItemResult.APPLIED
+    await asyncio.wait_for(asyncio.gather(*futures), 120)
+    await settle(sup, rig.clock)
+    # The normal lane is served first: in the first batch, not after 3,000 bulk changes.
+    assert order.index(other) < 500, order.index(other)
+    assert sup.counts[State.offline] == n + 1
+    # The backlog was taken in bigger bites than the usual batch.
+    assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
+
+
+def test_bulk_changes_must_be_guarded() -> None:
+    async def check() -> None:
+        from accountd.daemon.door import Door
+
+        door = Door(None, None)  # type: ignore[arg-type]  # never started: fire only queues
+        try:
+            door.fire(Change("a", Trigger.heartbeat_lost, "x"), bulk=True)
+        except ValueError as exc:
+            assert "expect_state" in str(exc)
+        else:
+            raise AssertionError("an unguarded bulk change must be refused")
+
+    asyncio.run(check())
+
+
+async def test_two_batches_in_flight_keep_each_accounts_changes_in_order(rig: Rig) -> None:
+    n = 1200
+    ids = await rig.insert([State.verifying] * n)
+    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
+    sup.door.pipeline = 2  # also on SQLite, where the second writer waits for the lock
+    await sup.load()
+    await sup.start()
+    changes = []
+    for account_id in ids:
+        changes.append(Change(account_id, Trigger.verified, "first"))
+        changes.append(Change(account_id, Trigger.logged_out, "second"))
+    results = await asyncio.wait_for(asyncio.gather(*sup.door.fire_many(changes)), 120)
+    assert set(results) == {ItemResult.APPLIED}
+    await settle(sup, rig.clock)
+    assert sup.counts[State.offline] == n
+    for account_id in ids[:: n // 20]:
+        chain = [(m["old_status"], m["new_status"]) for m in await rig.logs(account_id)]
+        assert chain == [("verifying", "online"), ("online", "offline")]
+    s = accountd_supervision
+    async with rig.dbs.platform.connect() as conn:
+        statuses = {r[0] for r in await conn.execute(select(s.c.status))}
+    assert statuses == {"offline"}
+
+
+async def test_only_deadlines_crowded_into_one_instant_count_as_a_mass_event(rig: Rig) -> None:
+    t0 = rig.clock.now()
+    crowd = await rig.insert([State.online] * 60, heartbeat=t0)
+    spread = await rig.insert([State.online] * 40, heartbeat=t0)
+    sup = rig.supervisor(QUIET, startup_grace=600)
+    await sup.load()
+    for k, account_id in enumerate(spread):
+        # 40 deadlines over 2 s: a lagging runner may hand them over in one round.
+        sup.accounts[account_id].last_heartbeat = t0 + 0.05 * k + 0.5
+    for account_id in crowd:
+        sup.accounts[account_id].last_heartbeat = t0 + 0.01
+    sup._queue_stale([sup.accounts[i] for i in crowd + spread])
+    assert [a.id for a in sup._stale_mass[0]] == crowd
+    assert [a.id for a in sup._stale_small[0]] == spread
