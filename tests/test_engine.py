@@ -223,7 +223,7 @@ async def settle(sup: Supervisor, clock: FakeClock) -> None:
         await asyncio.wait_for(sup.door.wait_idle(), 30)
         nxt = sup.deadlines.next_due()
         due = sup.runner.running and nxt is not None and nxt <= clock.now()
-        calls = bool(sup._call_tasks) and not sup._calls.empty()
+        calls = sup.calls.running and not sup.calls.idle
         if sup.busy or due or calls or sup.door.pending:
             quiet = 0
         else:

@@ -504,6 +504,10 @@ class Daemon:
                 self._job_errors.failed(name, exc)
             except AccountdError as exc:
                 log.warning("job %s: %s", fn.__name__, exc)
+            except asyncio.CancelledError:
+                # Only our shutdown cancels a job (after its grace); the job's work is picked
+                # up again at the next start (e.g. heartbeats are flushed by the final flush).
+                log.info("job %s cancelled at shutdown", fn.__name__)
             except Exception:  # boundary: a failing job is logged; the next run tries again
                 log.exception("job %s failed", fn.__name__)
             else:

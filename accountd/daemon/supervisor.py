@@ -58,7 +58,8 @@ from accountd.daemon.policy import (
     is_flapping,
 )
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
-from accountd.errors import Overloaded, WorkerRejected, WorkerTransient
+from accountd.daemon.worker_calls import WorkerCalls
+from accountd.errors import Overloaded, WorkerTransient
 from accountd.statemachine import TRANSITIONS, State, Trigger
 from accountd.statemachine.account import Account
 
@@ -174,8 +175,7 @@ class Supervisor:
         self._recover_pending = 0
         # Accounts due for recovery while every slot was taken: (id, kind, version), FIFO.
         self._recover_queue: deque[tuple[str, str, int]] = deque()
-        self._calls: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self._call_tasks: list[asyncio.Task[None]] = []
+        self.calls = WorkerCalls(worker, repo, self._worker_failed, concurrency=worker_concurrency)
         # Accounts whose heartbeat deadline passed, waiting for the database re-check (see
         # `_check_stale`): small rounds first, so a mass event's rounds cannot hold them up.
         self._stale_small: deque[list[Account]] = deque()
@@ -223,10 +223,7 @@ class Supervisor:
         self.door.start()
         self._stale_task = asyncio.create_task(self._check_stale(), name="accountd-stale-check")
         await self.runner.start()
-        for i in range(self.worker_concurrency):
-            self._call_tasks.append(
-                asyncio.create_task(self._call_loop(), name=f"accountd-worker-call-{i}")
-            )
+        await self.calls.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish in-flight transitions (bounded), flush heartbeats, stop every task."""
@@ -240,12 +237,7 @@ class Supervisor:
             self._stale_task = None
         await self.door.drain(grace)
         await self.door.stop()
-        for task in self._call_tasks:
-            task.cancel()
-        for task in self._call_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._call_tasks.clear()
+        await self.calls.stop()
         try:
             await self.flush_heartbeats(force=True)
         except Exception:  # boundary: shutdown goes on; the next start re-reads the database
@@ -459,7 +451,7 @@ class Supervisor:
             acc.last_heartbeat = now
         self._arm(acc, now)
         if effects.call is not None:
-            self._calls.put_nowait((effects.call, acc.id))
+            self.calls.queue(effects.call, acc.id)
         if old is State.recovering:
             self._slot_freed()
         dropped = change.trigger in (Trigger.heartbeat_lost, Trigger.logged_out)
@@ -730,33 +722,6 @@ class Supervisor:
                 log.debug("daemon change not applied: %s", result)
 
     # ---------------------------------------------------------------- worker calls
-
-    async def _call_loop(self) -> None:
-        while True:
-            call, account_id = await self._calls.get()
-            try:
-                await self._call(call, account_id)
-            except (WorkerTransient, WorkerRejected) as exc:
-                self._worker_failed(call, account_id, exc)
-            except Exception:  # boundary: one bad call must not kill the pool
-                log.exception("worker call %s for %s failed", call, account_id)
-
-    async def _call(self, call: str, account_id: str) -> None:
-        if call == "open":
-            info = await self.repo.session_info(account_id)
-            if info is None:
-                return
-            await self.worker.open_session(
-                account_id=info.account_id,
-                wework_guid=info.wework_guid,
-                corp_id=info.corp_id,
-                device_info=info.device_info,
-                proxy_config=info.proxy_config,
-            )
-        elif call == "resume":
-            await self.worker.resume_session(account_id)
-        elif call == "close":
-            await self.worker.close_session(account_id)
 
     def _worker_failed(self, call: str, account_id: str, exc: Exception) -> None:
         acc = self.accounts.get(account_id)
