@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Any
 
+import pytest
+
+from accountd.daemon.app import Daemon
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.daemon.simulator_sessions import SimulatorConfig
 
@@ -24,3 +30,26 @@ def fast_simulator(*, ingest_url: str, token: str, seed: int, **overrides: Any) 
     return WorkerSimulator(
         SimulatorConfig(ingest_url=ingest_url, token=token, seed=seed, **{**FAST, **overrides})
     )
+
+
+async def start_daemon(daemon: Daemon, *, timeout: float = 20.0) -> asyncio.Task[int]:
+    """Run ``daemon`` in a task and return it once the daemon is ready (fail if it exits)."""
+    task = asyncio.create_task(daemon.run())
+    deadline = time.monotonic() + timeout
+    while not daemon.ready:
+        if task.done():
+            pytest.fail(f"daemon exited early: {task.result()}")
+        assert time.monotonic() < deadline, "daemon did not become ready"
+        await asyncio.sleep(0.02)
+    return task
+
+
+async def stop_stack(ctx: dict[str, Any]) -> None:
+    """Teardown of a fixture holding ``daemon``, ``sim``, ``dbs`` and maybe a running ``task``."""
+    task = ctx.get("task")
+    if task is not None and not task.done():
+        ctx["daemon"].request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+    await ctx["sim"].stop()
+    await ctx["dbs"].dispose()

@@ -10,7 +10,6 @@ Finally every account's log rows must form a legal path ending in its current st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import secrets
 import time
@@ -29,7 +28,8 @@ from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.settings import Settings
 from accountd.statemachine import State, Trigger, all_pairs, is_legal, next_state
-from tests.helpers import fast_simulator
+from tests.helpers import fast_simulator, stop_stack
+from tests.helpers import start_daemon as start
 
 
 def legal_edges() -> set[tuple[str, str]]:
@@ -138,24 +138,7 @@ async def stack(migrated_urls: dict[str, str], tmp_path: Path) -> AsyncIterator[
     try:
         yield ctx
     finally:
-        task = ctx.get("task")
-        if task is not None and not task.done():
-            daemon.request_stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        await sim.stop()
-        await dbs.dispose()
-
-
-async def start(daemon: Daemon) -> asyncio.Task[int]:
-    task = asyncio.create_task(daemon.run())
-    deadline = time.monotonic() + 20
-    while not daemon.ready:
-        if task.done():
-            pytest.fail(f"daemon exited early: {task.result()}")
-        assert time.monotonic() < deadline, "daemon did not become ready"
-        await asyncio.sleep(0.05)
-    return task
+        await stop_stack(ctx)
 
 
 async def test_accounts_reach_online_then_recover_after_heartbeats_stop(

@@ -57,7 +57,8 @@ from accountd.daemon.supervisor import Supervisor
 from accountd.settings import MetricsSettings, Settings
 from accountd.statemachine import State, Trigger
 from tests.conftest import sqlite_urls
-from tests.helpers import fast_simulator
+from tests.helpers import fast_simulator, stop_stack
+from tests.helpers import start_daemon as run_until_ready
 from tests.test_e2e import fast_settings, seed_accounts, statuses, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -386,24 +387,7 @@ async def live(migrated_urls: dict[str, str], tmp_path: Path) -> AsyncIterator[d
     try:
         yield ctx
     finally:
-        task = ctx.get("task")
-        if task is not None and not task.done():
-            daemon.request_stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        await sim.stop()
-        await dbs.dispose()
-
-
-async def run_until_ready(daemon: Daemon) -> asyncio.Task[int]:
-    task = asyncio.create_task(daemon.run())
-    deadline = time.monotonic() + 20
-    while not daemon.ready:
-        if task.done():
-            pytest.fail(f"daemon exited early: {task.result()}")
-        assert time.monotonic() < deadline, "daemon did not become ready"
-        await asyncio.sleep(0.02)
-    return task
+        await stop_stack(ctx)
 
 
 async def test_real_transitions_move_the_counters_and_no_label_names_an_account(
