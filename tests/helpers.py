@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,3 +54,50 @@ async def stop_stack(ctx: dict[str, Any]) -> None:
             await asyncio.wait_for(task, 30)
     await ctx["sim"].stop()
     await ctx["dbs"].dispose()
+
+
+def write_config(
+    path: Path,
+    urls: dict[str, str],
+    port: int,
+    worker: str,
+    token: str,
+    *,
+    worker_timeout: float = 1,
+    recovering: float = 6,
+) -> Path:
+    """A TOML config for `accountd run` with test timings (seconds, not minutes)."""
+    db = "\n".join(f'{key} = "{url}"' for key, url in urls.items())
+    path.write_text(
+        f"""
+state_dir = "{path.parent}"
+[databases]
+{db}
+[ingest]
+listen = "127.0.0.1:{port}"
+token = "{token}"
+[metrics]
+listen = "127.0.0.1:0"
+[worker]
+url = "{worker}"
+timeout = {worker_timeout}
+[heartbeat]
+timeout = 1.5
+persist_interval = 0.5
+flush_interval = 0.2
+db_poll_interval = 0.5
+startup_grace = 1.5
+[deadlines]
+initializing = 5
+waiting_qr = 5
+waiting_confirm = 5
+verifying = 5
+recovering = {recovering}
+[recovery]
+base = 0.2
+cap = 1
+[supervisor]
+poll_interval = 0.3
+"""
+    )
+    return path

@@ -44,7 +44,7 @@ from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.errors import ConfigError
 from accountd.settings import load_settings
-from tests.helpers import fast_simulator
+from tests.helpers import fast_simulator, write_config
 from tests.test_e2e import seed_accounts, start, statuses, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,43 +62,6 @@ def sock_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def write_config(path: Path, urls: dict[str, str], port: int, worker: str, token: str) -> Path:
-    db = "\n".join(f'{key} = "{url}"' for key, url in urls.items())
-    path.write_text(
-        f"""
-state_dir = "{path.parent}"
-[databases]
-{db}
-[ingest]
-listen = "127.0.0.1:{port}"
-token = "{token}"
-[metrics]
-listen = "127.0.0.1:0"
-[worker]
-url = "{worker}"
-timeout = 2
-[heartbeat]
-timeout = 1.5
-persist_interval = 0.5
-flush_interval = 0.2
-db_poll_interval = 0.5
-startup_grace = 1.5
-[deadlines]
-initializing = 5
-waiting_qr = 5
-waiting_confirm = 5
-verifying = 5
-recovering = 5
-[recovery]
-base = 0.2
-cap = 1
-[supervisor]
-poll_interval = 0.3
-"""
-    )
-    return path
 
 
 @dataclass
@@ -121,7 +84,9 @@ async def running(
     port = _free_port()
     sim = fast_simulator(ingest_url=f"http://127.0.0.1:{port}", token=token, seed=11)
     worker = await sim.start()
-    config = write_config(tmp_path / "accountd.toml", urls, port, worker, token)
+    config = write_config(
+        tmp_path / "accountd.toml", urls, port, worker, token, worker_timeout=2, recovering=5
+    )
     with config.open("a") as fh:
         fh.write(f'[control]\nsocket = "{sock}"\n{control}\n')
     settings = load_settings(config, env={})
@@ -266,7 +231,13 @@ async def test_daemon_refuses_to_start_over_a_regular_file(
     sock = sock_dir / "control.sock"
     sock.write_text("not a socket")
     config = write_config(
-        tmp_path / "accountd.toml", migrated_urls, _free_port(), "http://127.0.0.1:9", "t" * 20
+        tmp_path / "accountd.toml",
+        migrated_urls,
+        _free_port(),
+        "http://127.0.0.1:9",
+        "t" * 20,
+        worker_timeout=2,
+        recovering=5,
     )
     with config.open("a") as fh:
         fh.write(f'[control]\nsocket = "{sock}"\n')

@@ -29,10 +29,10 @@ from sqlalchemy import select, update
 from accountd.adapters.db import Databases
 from accountd.adapters.schema import account_status_logs, accountd_leases
 from accountd.daemon.demo import _free_port
-from tests.helpers import fast_simulator
+from tests.helpers import fast_simulator, write_config
 from tests.test_control import Stack, running
 from tests.test_e2e import legal_edges, seed_accounts, statuses, wait_for
-from tests.test_restart import spawn, wait_ready, write_config
+from tests.test_restart import spawn, wait_ready
 
 ROUNDS = 3
 ACCOUNTS = 24

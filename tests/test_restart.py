@@ -26,45 +26,8 @@ from accountd.adapters.db import Databases
 from accountd.adapters.schema import accountd_supervision
 from accountd.daemon.demo import _free_port
 from accountd.daemon.lease import Lease, LeaseHeld
-from tests.helpers import fast_simulator
+from tests.helpers import fast_simulator, write_config
 from tests.test_e2e import legal_edges, logs, seed_accounts, statuses, wait_for
-
-
-def write_config(path: Path, urls: dict[str, str], port: int, worker: str, token: str) -> Path:
-    db = "\n".join(f'{key} = "{url}"' for key, url in urls.items())
-    path.write_text(
-        f"""
-state_dir = "{path.parent}"
-[databases]
-{db}
-[ingest]
-listen = "127.0.0.1:{port}"
-token = "{token}"
-[metrics]
-listen = "127.0.0.1:0"
-[worker]
-url = "{worker}"
-timeout = 1
-[heartbeat]
-timeout = 1.5
-persist_interval = 0.5
-flush_interval = 0.2
-db_poll_interval = 0.5
-startup_grace = 1.5
-[deadlines]
-initializing = 5
-waiting_qr = 5
-waiting_confirm = 5
-verifying = 5
-recovering = 6
-[recovery]
-base = 0.2
-cap = 1
-[supervisor]
-poll_interval = 0.3
-"""
-    )
-    return path
 
 
 def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
