@@ -114,6 +114,17 @@ async def logs(dbs: Databases) -> dict[str, list[tuple[str | None, str, str | No
     return out
 
 
+async def offline_count(dbs: Databases, account_id: str) -> int:
+    """How many times `account_id` was committed ``online`` → ``offline``.
+
+    Tests that wait for a lost session watch this, not the status column: the simulator answers
+    the recovery's resume at once, so offline, recovering and online again can all happen
+    between two looks at the status on a loaded machine.
+    """
+    rows = (await logs(dbs)).get(account_id, [])
+    return sum(1 for old, new, _ in rows if (old, new) == ("online", "offline"))
+
+
 async def wait_for(
     check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.1
 ) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from accountd.adapters.verify import verify
 from accountd.daemon.demo import _free_port
-from tests.test_e2e import logs, seed_accounts, statuses, wait_for
+from tests.test_e2e import logs, offline_count, seed_accounts, statuses, wait_for
 from tests.test_notify import Inbox
 from tests.test_outbox import Forwarder
 from tests.test_signals import Rig, open_rig
@@ -65,6 +65,7 @@ async def test_restart_after_longer_than_the_timeout_marks_no_account_offline(ri
     # Down for well over the heartbeat timeout (1.5 s); the simulator keeps trying to beat.
     # One session really dies meanwhile.
     dead = ids[0]
+    dropped_before = await offline_count(rig.dbs, dead)
     assert rig.sim.drop(dead)
     await asyncio.sleep(4)
     rig.spawn()
@@ -72,7 +73,7 @@ async def test_restart_after_longer_than_the_timeout_marks_no_account_offline(ri
     started = time.monotonic()
 
     async def dead_offline() -> bool:
-        return (await statuses(rig.dbs))[dead] != "online"
+        return await offline_count(rig.dbs, dead) > dropped_before
 
     await wait_for(dead_offline, 15, f"{dead} offline after the start-up grace")
     took = time.monotonic() - started

@@ -22,7 +22,7 @@ import pytest
 from accountd.daemon.clock import FakeClock
 from accountd.daemon.outage import OutageGuard, QuietLog, Window, wait_for_databases
 from accountd.errors import DatabaseUnavailable
-from tests.test_e2e import logs, seed_accounts, statuses, wait_for
+from tests.test_e2e import logs, offline_count, seed_accounts, statuses, wait_for
 from tests.test_signals import Rig, open_rig
 
 T0 = 1_700_000_000.0
@@ -211,13 +211,14 @@ async def test_sigstop_longer_than_the_timeout_marks_no_account_offline(rig: Rig
     # While the daemon is stopped one session really dies; the others keep beating (their
     # requests wait in the kernel's socket buffers).
     await asyncio.sleep(0.5)
+    dropped_before = await offline_count(rig.dbs, dead)
     assert rig.sim.drop(dead)
     await asyncio.sleep(STOP_SECONDS - 0.5)
     rig.proc.send_signal(signal.SIGCONT)
     continued = time.monotonic()
 
     async def dead_offline() -> bool:
-        return (await statuses(rig.dbs))[dead] != "online"
+        return await offline_count(rig.dbs, dead) > dropped_before
 
     await wait_for(dead_offline, 15, f"{dead} offline after the stall")
     took = time.monotonic() - continued
