@@ -632,3 +632,24 @@ async def test_a_raw_garbage_request_does_not_break_the_listener(
         code, _, err = await ctl(sock, "status")
         assert code == 0, err
         assert time.monotonic() - started < 30
+
+
+async def test_requests_of_known_peers_are_admitted_to_the_admin_lane(
+    migrated_urls: dict[str, str], tmp_path: Path, sock_dir: Path
+) -> None:
+    # The lane lets accountctl requests go ahead of heartbeat batches (tests/test_priority.py);
+    # only peers with a role get that, never a refused one.
+    sock = sock_dir / "control.sock"
+    async with running(migrated_urls, tmp_path, sock, 'group = "nogroup"', accounts=1) as stack:
+        lane = stack.daemon.lane
+        before = lane.admitted
+        code, _, err = await ctl(sock, "status")
+        assert code == 0, err
+        code, _, err = await ctl(sock, "show", stack.ids[0])
+        assert code == 0, err
+        assert lane.admitted == before + 2
+        assert lane.admins == 0
+        if CAN_SWITCH_USER:
+            code, _, _ = await ctl(sock, "status", uid=STRANGER, gid=NOBODY)
+            assert code == 5
+            assert lane.admitted == before + 2

@@ -64,3 +64,34 @@ def test_cli_reports_an_unreachable_database_in_one_line(tmp_path: Path) -> None
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "hunter2-secret" not in proc.stderr + proc.stdout
+
+
+async def test_admin_reads_survive_a_connection_the_server_closed(
+    migrated_urls: dict[str, str], backend: str
+) -> None:
+    # Admin reads use a pool without pre-ping (one round trip less per read under load); a
+    # pooled connection the server killed must cost a retry, not an error.
+    from sqlalchemy import text
+
+    from accountd.adapters.db import fetch_all
+    from accountd.adapters.repository import AccountRepository
+
+    dbs = Databases(migrated_urls)
+    try:
+        reads = dbs.reads("platform")
+        repo = AccountRepository(dbs.platform, reads=reads)
+        assert await repo.history("nobody") == []
+        if backend == "sqlite":
+            assert reads is dbs.platform  # nothing to gain on SQLite: same engine
+            return
+        assert reads is not dbs.platform
+        assert reads.pool.size() <= 3
+        (row,) = await fetch_all(reads, text("SELECT CONNECTION_ID()"))
+        async with dbs.platform.connect() as conn:
+            await conn.execute(text(f"KILL {int(row[0])}"))
+        # The next read gets the dead connection from the pool, fails once, and is retried.
+        assert await repo.history("nobody") == []
+        (again,) = await fetch_all(reads, text("SELECT CONNECTION_ID()"))
+        assert again[0] != row[0]
+    finally:
+        await dbs.dispose()

@@ -221,6 +221,27 @@ async def test_runner_delivers_a_backlog_in_batches(clock: FakeClock) -> None:
     assert r.batches == 3
 
 
+async def test_runner_takes_small_batches_while_an_admin_request_waits(clock: FakeClock) -> None:
+    # Same work, more loop turns: an accountctl request in flight waits for one small batch.
+    rec = Recorder(clock)
+    admin = [True]
+    r = DeadlineRunner(
+        DeadlineQueue(), rec, clock=clock, batch_size=1000, admin_waiting=lambda: admin[0]
+    )
+    for i in range(2500):
+        r.set(f"acc{i}", T0 + 1 + i / 1000, "timeout")
+    clock.set(T0 + 10)
+    await r.start()
+    try:
+        await clock.settle()
+    finally:
+        await r.stop(grace=1.0)
+    assert [len(due) for _, due in rec.calls] == [100] * 25
+    admin[0] = False
+    with pytest.raises(ValueError):
+        DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=10, small_batch_size=11)
+
+
 async def test_runner_logs_a_failing_batch_and_keeps_going(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,18 +9,21 @@ foreign keys and a busy timeout, which is what makes it a fair embedded default.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Row, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql import Executable
 
 from accountd.errors import DatabaseUnavailable
 
 DATABASE_KEYS: tuple[str, ...] = ("core", "platform", "analytics")
+# Connections kept for admin reads (accountctl's show runs three reads at once).
+READ_POOL_SIZE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +56,18 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str | URL, pool: PoolSettings | None = None) -> AsyncEngine:
-    """Build the async engine for one database URL."""
+def make_engine(
+    url: str | URL, pool: PoolSettings | None = None, *, reads: bool = False
+) -> AsyncEngine:
+    """Build the async engine for one database URL.
+
+    ``reads=True`` (MySQL/MariaDB): a small second pool for the control API's reads
+    (`fetch_all`), without the pre-ping. A checkout with pre-ping costs a round trip before
+    the query and the return to the pool another (the rollback): three per read. Under a
+    heartbeat flood every round trip waits for event-loop turns, so `accountctl show` (three
+    reads) paid nine. Without the ping a read costs two; a connection the server closed
+    meanwhile fails once, is discarded, and `fetch_all` retries on a fresh one.
+    """
     pool = pool or PoolSettings()
     u = make_url(url)
     backend = u.get_backend_name()
@@ -77,11 +90,11 @@ def make_engine(url: str | URL, pool: PoolSettings | None = None) -> AsyncEngine
         }
         return create_async_engine(
             u,
-            pool_size=pool.size,
+            pool_size=min(pool.size, READ_POOL_SIZE) if reads else pool.size,
             max_overflow=pool.max_overflow,
             pool_timeout=pool.timeout,
             pool_recycle=int(pool.recycle),
-            pool_pre_ping=True,
+            pool_pre_ping=not reads,
             # Our writes lock exactly the rows they change (SELECT … FOR UPDATE by primary key);
             # REPEATABLE READ would add gap locks that deadlock against other services'
             # INSERTs of new accounts and against the heartbeat flush.
@@ -102,6 +115,16 @@ class Databases:
         self.engines: dict[str, AsyncEngine] = {
             k: make_engine(self.urls[k], pool) for k in DATABASE_KEYS
         }
+        # SQLite needs no second pool: its "round trips" are calls into a thread.
+        self._reads: dict[str, AsyncEngine] = {
+            k: make_engine(self.urls[k], pool, reads=True)
+            for k in DATABASE_KEYS
+            if not is_sqlite(self.urls[k])
+        }
+
+    def reads(self, key: str) -> AsyncEngine:
+        """The engine for admin reads of database `key` (see `make_engine`)."""
+        return self._reads.get(key, self.engines[key])
 
     @property
     def core(self) -> AsyncEngine:
@@ -127,8 +150,25 @@ class Databases:
             await self.ping(key)
 
     async def dispose(self) -> None:
-        for engine in self.engines.values():
+        for engine in (*self.engines.values(), *self._reads.values()):
             await engine.dispose()
+
+
+async def fetch_all(engine: AsyncEngine, stmt: Executable) -> Sequence[Row[Any]]:
+    """Run one read and return its rows; a connection found dead is retried once.
+
+    For engines without pre-ping (`make_engine(reads=True)`): a pooled connection the server
+    closed (a restart, ``wait_timeout``) raises with ``connection_invalidated`` set, and
+    SQLAlchemy has then discarded it and every other connection of that pool.
+    """
+    for attempt in (1, 2):
+        try:
+            async with engine.connect() as conn:
+                return (await conn.execute(stmt)).all()
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def ensure_reachable(key: str, engine: AsyncEngine) -> None:

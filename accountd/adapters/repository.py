@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from accountd.adapters import batch_sql
 from accountd.adapters.batch_sql import Binds
+from accountd.adapters.db import fetch_all
 from accountd.adapters.schema import account_status_logs, accountd_supervision, wework_accounts
 from accountd.ids import uuid7
 
@@ -138,8 +139,12 @@ class SessionInfo:
 class AccountRepository:
     """Reads and writes of accounts, status logs and supervision state on one engine."""
 
-    def __init__(self, engine: AsyncEngine, *, chunk: int = CHUNK) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, chunk: int = CHUNK, reads: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
+        # Admin reads (history, accountctl show): `Databases.reads`, no pre-ping.
+        self.reads = reads if reads is not None else engine
         self.chunk = chunk
         self.dialect = engine.dialect.name
         # A hook for tests that must prove atomicity: called inside the transaction, between the
@@ -277,8 +282,7 @@ class AccountRepository:
         """The newest ``limit`` log rows of one account, oldest first."""
         lg = account_status_logs
         stmt = select(lg).where(lg.c.account_id == account_id).order_by(lg.c.id.desc()).limit(limit)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(stmt)).all()
+        rows = await fetch_all(self.reads, stmt)
         return [dict(r._mapping) for r in reversed(rows)]
 
     # -- writes ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from accountd.daemon.notify import Notifier, Ticker, watchdog_interval
 from accountd.daemon.outage import OutageGuard, QuietLog, wait_for_databases
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.policy import PolicyConfig
+from accountd.daemon.priority import AdminLane
 from accountd.daemon.runtime_metrics import (
     GcPauses,
     HeartbeatsPersisted,
@@ -139,6 +140,8 @@ class Daemon:
         self.metrics_port: int | None = None
         self.ready = False
         self.exit_code = 0
+        # accountctl requests go ahead of heartbeat batches (shared by the two listeners).
+        self.lane = AdminLane()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         # SIGHUP and `accountctl reload` may overlap: one reload at a time, each complete.
@@ -207,6 +210,7 @@ class Daemon:
             s.metrics,
             is_ready=lambda: self.ready,
             alerts=lambda: self.alerts,
+            lane=self.lane,
         )
         self.metrics_port = await serve_metrics(stack, metrics, s.metrics.host, s.metrics.port)
         dbs = Databases(s.database_urls(), s.pool())
@@ -237,7 +241,7 @@ class Daemon:
             )
         )
         sup = Supervisor(
-            AccountRepository(dbs.platform),
+            AccountRepository(dbs.platform, reads=dbs.reads("platform")),
             worker,
             policy_config(s),
             self.clock,
@@ -280,6 +284,7 @@ class Daemon:
             detect_lag=s.metrics.ping_interval,
         )
         sup.outage = guard
+        sup.lane = self.lane
         await guard.start()
         stack.push_async_callback(guard.stop)
         await sup.start()
@@ -297,13 +302,14 @@ class Daemon:
                 max_batch=s.ingest.max_batch,
                 max_body_bytes=s.ingest.max_body_bytes,
                 request_timeout=s.ingest.request_timeout,
+                lane=self.lane,
             )
         )
         self.ingest_port = await ingest.start(s.ingest.host, s.ingest.port)
         stack.push_async_callback(ingest.stop)
 
         # Admin input (accountctl): once the accounts are loaded; stopped before the supervisor.
-        control = ControlServer(self, s.control)
+        control = ControlServer(self, s.control, lane=self.lane)
         self.control_socket = await control.start()
         stack.push_async_callback(control.stop)
 

@@ -78,6 +78,7 @@ from accountd.daemon.control_views import (
 )
 from accountd.daemon.door import Change, Planned
 from accountd.daemon.outbox import Outbox
+from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import ItemResult
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import ConfigError, ControlError, DatabaseUnavailable, Overloaded
@@ -130,8 +131,10 @@ class ControlServer:
         *,
         version: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
+        lane: AdminLane | None = None,
     ) -> None:
         self.host = host
+        self.lane = lane
         self.settings = settings
         self.request_timeout = request_timeout
         self.path = Path(settings.socket)
@@ -147,6 +150,7 @@ class ControlServer:
             Acl.from_settings(self.settings),
             version=self.version,
             request_timeout=self.request_timeout,
+            lane=self.lane,
         )
         runner = web.AppRunner(
             app,
@@ -181,11 +185,18 @@ class ControlServer:
 
 
 def make_control_app(
-    host: ControlHost, acl: Acl, *, version: str, request_timeout: float = REQUEST_TIMEOUT
+    host: ControlHost,
+    acl: Acl,
+    *,
+    version: str,
+    request_timeout: float = REQUEST_TIMEOUT,
+    lane: AdminLane | None = None,
 ) -> web.Application:
+    """`lane`: the daemon's `AdminLane`; an admitted request goes ahead of heartbeat batches."""
     api = _Api(host, version)
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[_boundary(acl, request_timeout)]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[_boundary(acl, request_timeout, lane or AdminLane())],
     )
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/v1/accounts", api.list_accounts)
@@ -204,7 +215,7 @@ def _peer(request: web.Request) -> Peer | None:
     return peer_of(transport.get_extra_info("socket")) if transport is not None else None
 
 
-def _boundary(acl: Acl, request_timeout: float) -> Middleware:
+def _boundary(acl: Acl, request_timeout: float, lane: AdminLane) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -217,9 +228,11 @@ def _boundary(acl: Acl, request_timeout: float) -> Middleware:
             if role_of(peer, acl) < needed:
                 what = "use the control socket" if needed is Role.readonly else "change anything"
                 raise fail(PERMISSION_DENIED, f"uid {peer.uid} may not {what}")
-            if request.can_read_body:
-                await _read_body(request, request_timeout)  # cached for the handler's read()
-            response = await handler(request)
+            # Admitted (peers with a role only): heartbeat batches give way while it runs.
+            with lane.admit():
+                if request.can_read_body:
+                    await _read_body(request, request_timeout)  # cached for the handler's read()
+                response = await handler(request)
         except ControlError as exc:
             code = exc.code
             response = error_response(exc.code, exc.message, exc.http_status)

@@ -18,6 +18,7 @@ from typing import Any, Final
 from aiohttp import web
 from sqlalchemy import select
 
+from accountd.adapters.db import fetch_all
 from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.daemon.door import Planned
 from accountd.daemon.protocol import ItemResult
@@ -219,10 +220,10 @@ async def account_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None
         a.c.wework_secret.is_not(None).label("wework_secret_set"),
         a.c.login_qr_code.is_not(None).label("login_qr_code_set"),
     ).where(a.c.id == account_id)
-    async with sup.repo.engine.connect() as conn:
-        row = (await conn.execute(stmt)).first()
-    if row is None:
+    rows = await fetch_all(sup.repo.reads, stmt)
+    if not rows:
         return None
+    row = rows[0]
     data = dict(row._mapping)
     flags = {k: bool(data.pop(k)) for k in ("wework_secret_set", "login_qr_code_set")}
     return {**scrub(data), **flags}
@@ -230,9 +231,8 @@ async def account_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None
 
 async def supervision_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None:
     s = accountd_supervision
-    async with sup.repo.engine.connect() as conn:
-        row = (await conn.execute(select(s).where(s.c.account_id == account_id))).first()
-    return None if row is None else scrub(dict(row._mapping))
+    rows = await fetch_all(sup.repo.reads, select(s).where(s.c.account_id == account_id))
+    return scrub(dict(rows[0]._mapping)) if rows else None
 
 
 def scrub(value: Any) -> Any:

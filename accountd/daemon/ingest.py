@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from accountd.daemon import fastjson
 from accountd.daemon.fastjson import loads_strict
+from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import WORKER_EVENTS, IngestSink, ItemResult, WorkerEvent
 from accountd.errors import AccountdError, Overloaded
 
@@ -295,11 +296,13 @@ def make_ingest_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    lane: AdminLane | None = None,
 ) -> web.Application:
     """The ingest application: ``POST /v1/heartbeats``, ``POST /v1/events``, ``GET /healthz``.
 
     `request_timeout` ([ingest] request_timeout) bounds how long a body may take to arrive
-    (408 ``request_timeout``); `IngestServer` applies it to request headers too.
+    (408 ``request_timeout``); `IngestServer` applies it to request headers too. `lane`: the
+    daemon's `AdminLane`; heartbeat batches give way to admin requests step by step.
     """
     if not token:
         raise ValueError("the ingest token must not be empty")
@@ -354,7 +357,10 @@ def make_ingest_app(
     # a 100,000-row flush took 10 s. Now they wait for one slice. Parsing and validation stay
     # one step (~4 ms for 10,000 items): the parsed JSON objects are dropped right after it,
     # before they can live through collections into the old generation. The lock is FIFO.
+    # Each CPU step also asks the admin lane first: an accountctl request or a scrape in flight
+    # goes ahead of it, within the lane's bounds (accountd/daemon/priority.py).
     turn = asyncio.Lock()
+    lanes = lane if lane is not None else AdminLane()
 
     async def heartbeats(request: web.Request) -> web.Response:
         if not authorized(request):
@@ -362,7 +368,8 @@ def make_ingest_app(
         body = await read_body(request)
         async with turn:
             try:
-                ids, ats = validate_heartbeats(body, max_batch)
+                async with lanes.bulk_step():
+                    ids, ats = validate_heartbeats(body, max_batch)
             except BatchRejected as exc:
                 return error_response(exc.status, exc.code, exc.message)
             # Validated as a whole above; applied slice by slice (heartbeats are independent,
@@ -373,7 +380,8 @@ def make_ingest_app(
                     if start:
                         await asyncio.sleep(0)
                     stop = start + INGEST_SLICE
-                    results += sink.record_heartbeats(ids[start:stop], ats[start:stop])
+                    async with lanes.bulk_step():
+                        results += sink.record_heartbeats(ids[start:stop], ats[start:stop])
             except Overloaded as exc:
                 return _overloaded(exc)
         return _results_response(results, len(ids))

@@ -48,6 +48,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from accountd.adapters.db import DATABASE_KEYS
+from accountd.daemon.priority import AdminLane
 from accountd.errors import DatabaseUnavailable
 from accountd.statemachine import Account, State, Trigger, all_pairs, is_legal, next_state
 
@@ -160,8 +161,11 @@ class Metrics(Collector):
         is_ready: Callable[[], bool] = lambda: False,
         alerts: Callable[[], AlertCounts | None] = lambda: None,
         version: str | None = None,
+        lane: AdminLane | None = None,
     ) -> None:
         self.registry = registry
+        # The periodic refresh is bulk work: it gives way to admin requests.
+        self.lane = lane if lane is not None else AdminLane()
         self.clock = clock
         self.settings = settings
         self.per_tenant = settings.per_tenant
@@ -278,7 +282,8 @@ class Metrics(Collector):
 
     async def refresh(self) -> None:
         """Recompute the heartbeat-age histogram (and per-tenant counts when enabled)."""
-        self.refresh_heartbeat_ages()
+        async with self.lane.bulk_step():
+            self.refresh_heartbeat_ages()
         if self.per_tenant:
             await self.refresh_tenants()
 

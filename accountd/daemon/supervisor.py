@@ -57,6 +57,7 @@ from accountd.daemon.policy import (
     RecoveryLimiter,
     is_flapping,
 )
+from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
 from accountd.daemon.worker_calls import WorkerCalls
 from accountd.errors import Overloaded, WorkerTransient
@@ -139,7 +140,9 @@ class Supervisor:
         self.by_guid: dict[str, str] = {}
         self.counts: Counter[State] = Counter({s: 0 for s in State})
         self.deadlines = DeadlineQueue()
-        self.runner = DeadlineRunner(self.deadlines, self._on_due, clock=clock)
+        self.runner = DeadlineRunner(
+            self.deadlines, self._on_due, clock=clock, admin_waiting=lambda: self.lane.admins > 0
+        )
         # Two transactions in flight overlap our Python with the server's work; SQLite has a
         # single writer, so a second one would only wait for the lock.
         self.door = Door(
@@ -187,6 +190,9 @@ class Supervisor:
         # Stalls and database outages (accountd.daemon.outage): checks that fell while the daemon
         # was deaf are moved instead of fired. Set by the daemon; None in bare engine tests.
         self.outage: OutageGuard | None = None
+        # The heartbeat flush and poll give way to admin requests (accountd.daemon.priority);
+        # the daemon sets its shared lane here. Decisions never wait on it.
+        self.lane = AdminLane()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -833,7 +839,8 @@ class Supervisor:
                 for account_id in piece:
                     del dirty[account_id]
                 budget -= len(piece)
-                rows = await self.repo.write_heartbeats(piece)
+                async with self.lane.bulk_step():
+                    rows = await self.repo.write_heartbeats(piece)
                 written += rows
                 self.heartbeats_persisted += rows  # as it happens: a flush can take a while
                 piece = {}
@@ -869,11 +876,12 @@ class Supervisor:
         newest = since
         accounts = self.accounts
         for _ in range(POLL_MAX // POLL_PAGE):
-            rows = await heartbeats_after(self.repo.engine, mark, after_id, POLL_PAGE)
-            for account_id, ts in rows:
-                acc = accounts.get(account_id)
-                if acc is not None and (acc.last_heartbeat or 0.0) < ts:
-                    acc.last_heartbeat = ts
+            async with self.lane.bulk_step():
+                rows = await heartbeats_after(self.repo.engine, mark, after_id, POLL_PAGE)
+                for account_id, ts in rows:
+                    acc = accounts.get(account_id)
+                    if acc is not None and (acc.last_heartbeat or 0.0) < ts:
+                        acc.last_heartbeat = ts
             if rows:
                 after_id, newest = rows[-1]
                 mark = to_db_time(newest) or start
