@@ -208,7 +208,7 @@ async def test_runner_does_not_fire_cancelled_or_replaced_deadlines(
 
 async def test_runner_delivers_a_backlog_in_batches(clock: FakeClock) -> None:
     rec = Recorder(clock)
-    r = DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=1000)
+    r = DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=1000, catch_up_batch_size=1000)
     for i in range(2500):
         r.set(f"acc{i}", T0 + 1 + i / 1000, "timeout")
     clock.set(T0 + 10)  # e.g. a restart after downtime: everything is already overdue
@@ -219,6 +219,25 @@ async def test_runner_delivers_a_backlog_in_batches(clock: FakeClock) -> None:
         await r.stop(grace=1.0)
     assert [len(due) for _, due in rec.calls] == [1000, 1000, 500]
     assert r.batches == 3
+
+
+async def test_runner_behind_takes_bigger_rounds_until_it_caught_up(clock: FakeClock) -> None:
+    # A mass event: fewer loop turns to get through it, so later deadlines are not held up.
+    rec = Recorder(clock)
+    r = DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=100, catch_up_batch_size=400)
+    for i in range(1000):
+        r.set(f"acc{i}", T0 + 1 + i / 1000, "timeout")
+    clock.set(T0 + 10)
+    await r.start()
+    try:
+        await clock.settle()
+        assert [len(due) for _, due in rec.calls] == [100, 400, 400, 100]
+        # Caught up: the next lone deadline comes in an ordinary round again.
+        r.set("late", T0 + 20, "timeout")
+        await clock.advance(15)
+    finally:
+        await r.stop(grace=1.0)
+    assert rec.calls[-1][1] == [("late", "timeout")]
 
 
 async def test_runner_takes_small_batches_while_an_admin_request_waits(clock: FakeClock) -> None:
@@ -240,6 +259,8 @@ async def test_runner_takes_small_batches_while_an_admin_request_waits(clock: Fa
     admin[0] = False
     with pytest.raises(ValueError):
         DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=10, small_batch_size=11)
+    with pytest.raises(ValueError):
+        DeadlineRunner(DeadlineQueue(), rec, clock=clock, batch_size=10, catch_up_batch_size=9)
 
 
 async def test_runner_logs_a_failing_batch_and_keeps_going(

@@ -136,10 +136,11 @@ class DeadlineRunner:
         clock: Clock,
         batch_size: int = 1000,
         small_batch_size: int = 100,
+        catch_up_batch_size: int = 5000,
         admin_waiting: Callable[[], bool] = lambda: False,
     ) -> None:
-        if not 1 <= small_batch_size <= batch_size:
-            raise ValueError("need 1 <= small_batch_size <= batch_size")
+        if not 1 <= small_batch_size <= batch_size <= catch_up_batch_size:
+            raise ValueError("need 1 <= small_batch_size <= batch_size <= catch_up_batch_size")
         self.queue = queue
         self._on_due = on_due
         self._clock = clock
@@ -151,6 +152,12 @@ class DeadlineRunner:
         # ~7 ms a turn; an accountctl request needing seven turns waited ~50 ms for it.
         self._small_batch_size = small_batch_size
         self._admin_waiting = admin_waiting
+        # Behind (the last round was full): bigger rounds. A mass event puts 100,000 expiries
+        # at one instant; each round costs one loop turn, and while the door commits the mass
+        # a turn is tens of milliseconds, so 100 rounds of 1,000 kept the deadlines due after
+        # them (other accounts' heartbeat checks) waiting for seconds.
+        self._catch_up_batch_size = catch_up_batch_size
+        self._behind = False
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -219,8 +226,12 @@ class DeadlineRunner:
             # while we are busy below leaves the flag raised and cuts the next wait short.
             self._wake.clear()
             now = self._clock.now()
-            size = self._small_batch_size if self._admin_waiting() else self._batch_size
+            if self._admin_waiting():
+                size = self._small_batch_size
+            else:
+                size = self._catch_up_batch_size if self._behind else self._batch_size
             due = self.queue.pop_due(now, size)
+            self._behind = len(due) == size
             if due:
                 self.batches += 1
                 self._busy = True

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH: Final = 10_000
 # Heartbeats applied between two yields to the event loop (~2-3 ms at a million accounts).
-INGEST_SLICE: Final = 2_500
+INGEST_SLICE: Final = 1_000
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 # aiohttp bounds neither how long a body may take to arrive nor (beyond an hour of keep-alive)
 # how long request headers may trickle in: a client sending a byte a second would hold a
