@@ -236,6 +236,35 @@ async def test_heartbeats_are_queued_once_per_persist_interval_and_flushed_in_sl
     assert sup.heartbeats_persisted == 15
 
 
+async def test_the_final_flush_at_shutdown_is_bounded(
+    dbs: Databases,
+    online_sup: tuple[Supervisor, list[str], FakeClock],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another session holds the rows (SQLite: the write lock; MariaDB: row locks), so the flush
+    # at shutdown cannot finish: stop() must still return after its grace, keeping the queue.
+    sup, ids, _clock = online_sup
+    sup.record_heartbeats(ids, [])
+    await sup.start()
+    a = wework_accounts
+    async with dbs.platform.connect() as blocker:
+        if dbs.dialect("platform") == "sqlite":
+            await blocker.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            await blocker.execute(select(a.c.id).where(a.c.id.in_(ids)).with_for_update())
+        started = asyncio.get_running_loop().time()
+        with caplog.at_level("WARNING", logger="accountd.daemon.supervisor"):
+            await sup.stop(grace=0.5)
+        took = asyncio.get_running_loop().time() - started
+        await blocker.rollback()
+    # SQLite cannot interrupt a statement waiting for the lock: its rollback waits for the
+    # busy timeout (10 s) of the statement in progress. MariaDB's is cancelled at once.
+    assert took < (15.0 if dbs.dialect("platform") == "sqlite" else 5.0), took
+    assert "final heartbeat flush cut off" in caplog.text
+    assert set(sup._dirty) == set(ids)  # kept, not lost half-written
+    assert set((await beats_in_db(dbs, ids)).values()) == {None}
+
+
 async def test_a_failed_flush_keeps_every_heartbeat_for_the_next_one(
     dbs: Databases,
     online_sup: tuple[Supervisor, list[str], FakeClock],

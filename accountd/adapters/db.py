@@ -22,7 +22,8 @@ from sqlalchemy.sql import Executable
 from accountd.errors import DatabaseUnavailable
 
 DATABASE_KEYS: tuple[str, ...] = ("core", "platform", "analytics")
-# Connections kept for admin reads (accountctl's show runs three reads at once).
+# Connections kept for admin reads (accountctl's show runs three reads at once), and at most
+# as many again under load.
 READ_POOL_SIZE = 3
 
 
@@ -91,7 +92,7 @@ def make_engine(
         return create_async_engine(
             u,
             pool_size=min(pool.size, READ_POOL_SIZE) if reads else pool.size,
-            max_overflow=pool.max_overflow,
+            max_overflow=min(pool.max_overflow, READ_POOL_SIZE) if reads else pool.max_overflow,
             pool_timeout=pool.timeout,
             pool_recycle=int(pool.recycle),
             pool_pre_ping=not reads,
