@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -20,6 +20,16 @@ import pytest
 from accountd.daemon.ingest import IngestServer, make_ingest_app
 from accountd.daemon.priority import AdminLane
 from tests.test_ingest import AUTH, TOKEN, DictSink, hb
+
+
+def one_step(lane: AdminLane, ran: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """A bulk step that sets `ran` when it gets to run."""
+
+    async def bulk() -> None:
+        async with lane.bulk_step():
+            ran.set()
+
+    return bulk
 
 
 async def test_bulk_steps_run_at_once_without_admin_requests() -> None:
@@ -35,10 +45,7 @@ async def test_bulk_steps_run_at_once_without_admin_requests() -> None:
 async def test_a_bulk_step_waits_for_the_admin_request_in_flight() -> None:
     lane = AdminLane(max_pause=10)
     ran = asyncio.Event()
-
-    async def bulk() -> None:
-        async with lane.bulk_step():
-            ran.set()
+    bulk = one_step(lane, ran)
 
     with lane.admit():
         assert lane.admins == 1
@@ -54,10 +61,7 @@ async def test_a_bulk_step_waits_for_the_admin_request_in_flight() -> None:
 async def test_nested_admissions_keep_the_lane_until_the_last_one_ends() -> None:
     lane = AdminLane(max_pause=10)
     ran = asyncio.Event()
-
-    async def bulk() -> None:
-        async with lane.bulk_step():
-            ran.set()
+    bulk = one_step(lane, ran)
 
     with lane.admit():
         task = asyncio.create_task(bulk())
