@@ -78,7 +78,7 @@ async def test_admin_reads_survive_a_connection_the_server_closed(
 
     dbs = Databases(migrated_urls)
     try:
-        reads = dbs.reads("platform")
+        reads = dbs.platform_reads
         repo = AccountRepository(dbs.platform, reads=reads)
         assert await repo.history("nobody") == []
         if backend == "sqlite":

@@ -36,8 +36,8 @@ LOG_COLUMNS = (
     "error_details",
     "operator_id",
 )
-SUPERVISION_COLUMNS = (
-    "account_id",
+# The supervision state the engine reads and writes (accountd_supervision without its keys).
+SUPERVISION_FIELDS = (
     "status",
     "entered_at",
     "attempts",
@@ -50,8 +50,8 @@ SUPERVISION_COLUMNS = (
     "paused_reason",
     "last_log_id",
     "epoch",
-    "updated_at",
 )
+SUPERVISION_COLUMNS = ("account_id", *SUPERVISION_FIELDS, "updated_at")
 
 
 def sql_time(value: dt.datetime | None) -> str | None:
@@ -159,6 +159,7 @@ __all__ = [
     "LOG_COLUMNS",
     "SETTABLE_WITH_STATUS",
     "SUPERVISION_COLUMNS",
+    "SUPERVISION_FIELDS",
     "Binds",
     "insert_logs",
     "sql_time",

@@ -116,16 +116,17 @@ class Databases:
         self.engines: dict[str, AsyncEngine] = {
             k: make_engine(self.urls[k], pool) for k in DATABASE_KEYS
         }
-        # SQLite needs no second pool: its "round trips" are calls into a thread.
-        self._reads: dict[str, AsyncEngine] = {
-            k: make_engine(self.urls[k], pool, reads=True)
-            for k in DATABASE_KEYS
-            if not is_sqlite(self.urls[k])
-        }
+        # Admin reads (accountctl show, history) of the platform database; SQLite needs no
+        # second pool: its "round trips" are calls into a thread.
+        platform = self.urls["platform"]
+        self._platform_reads: AsyncEngine | None = (
+            None if is_sqlite(platform) else make_engine(platform, pool, reads=True)
+        )
 
-    def reads(self, key: str) -> AsyncEngine:
-        """The engine for admin reads of database `key` (see `make_engine`)."""
-        return self._reads.get(key, self.engines[key])
+    @property
+    def platform_reads(self) -> AsyncEngine:
+        """The engine for admin reads of the platform database (see `make_engine`)."""
+        return self._platform_reads or self.engines["platform"]
 
     @property
     def core(self) -> AsyncEngine:
@@ -151,8 +152,10 @@ class Databases:
             await self.ping(key)
 
     async def dispose(self) -> None:
-        for engine in (*self.engines.values(), *self._reads.values()):
+        for engine in self.engines.values():
             await engine.dispose()
+        if self._platform_reads is not None:
+            await self._platform_reads.dispose()
 
 
 async def fetch_all(engine: AsyncEngine, stmt: Executable) -> Sequence[Row[Any]]:

@@ -34,20 +34,7 @@ from accountd.ids import uuid7
 # qr_ready stores login_qr_code, verified clears it and error_message, fail records the error).
 TRANSITION_FIELDS = batch_sql.SETTABLE_WITH_STATUS
 
-SUPERVISION_FIELDS = (
-    "status",
-    "entered_at",
-    "attempts",
-    "qr_refreshes",
-    "next_action",
-    "next_action_at",
-    "online_since",
-    "offline_history",
-    "paused",
-    "paused_reason",
-    "last_log_id",
-    "epoch",
-)
+SUPERVISION_FIELDS = batch_sql.SUPERVISION_FIELDS
 
 # The chunk size for ``IN (…)`` lists and multi-row inserts: large enough to amortise round trips,
 # small enough to stay far below max_allowed_packet and SQLite's variable limit (32766).
@@ -143,7 +130,7 @@ class AccountRepository:
         self, engine: AsyncEngine, *, chunk: int = CHUNK, reads: AsyncEngine | None = None
     ) -> None:
         self.engine = engine
-        # Admin reads (history, accountctl show): `Databases.reads`, no pre-ping.
+        # Admin reads (history, accountctl show): `Databases.platform_reads`, no pre-ping.
         self.reads = reads if reads is not None else engine
         self.chunk = chunk
         self.dialect = engine.dialect.name

@@ -241,7 +241,7 @@ class Daemon:
             )
         )
         sup = Supervisor(
-            AccountRepository(dbs.platform, reads=dbs.reads("platform")),
+            AccountRepository(dbs.platform, reads=dbs.platform_reads),
             worker,
             policy_config(s),
             self.clock,

@@ -3,13 +3,13 @@
 Under a heartbeat flood the event loop is busy all the time: every turn holds a slice of some
 heartbeat batch. An `accountctl show` needs six or seven turns (the request, a pool checkout,
 three database round trips, the answer), so it waited seven slices plus whatever else was due
-in each turn: 175 ms at p50, 640 ms at p99 with a million accounts (docs/benchmarks.md). A
-Prometheus scrape waited the same way.
+in each turn: 175 ms at p50, 640 ms at p99 with a million accounts (docs/benchmarks.md).
 
-`AdminLane` is the small fix: the control socket and the metrics listener mark their requests
-as in flight (`admit`), and the ingest handler asks for the lane before each CPU step of a
-batch (`bulk_step`). While an admin request is in flight, that step waits until the request is
-answered, so the request's turns hold no ingest work and it completes at idle speed.
+`AdminLane` is the small fix: the control socket marks its requests as in flight (`admit`), and
+bulk work asks for the lane before each step (`bulk_step`). While an admin request is in
+flight, that step waits until the request is answered, so the request's turns hold no bulk
+work. (A /metrics scrape is not admitted: its handler is one synchronous step, so what it waits
+for are the turns before it runs, which no admission inside aiohttp can shorten.)
 
 Two bounds keep the daemon's main job safe, since a starved ingest means heartbeats the
 daemon did not hear (and, left long enough, false `heartbeat_lost` decisions):
@@ -55,7 +55,6 @@ class AdminLane:
         self._credit = 0.0
         self.admitted = 0  # admin requests ever admitted (tests, metrics)
         self.pauses = 0  # bulk steps that gave way
-        self.paused_seconds = 0.0
 
     @property
     def admins(self) -> int:
@@ -86,7 +85,6 @@ class AdminLane:
                     await self._clear.wait()
             waited = self._monotonic() - started
             self.pauses += 1
-            self.paused_seconds += waited
             self._credit = waited * CREDIT_SHARE
         started = self._monotonic()
         try:
