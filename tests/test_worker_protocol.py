@@ -481,3 +481,53 @@ async def test_standalone_simulator_runs_until_sigterm() -> None:
             proc.kill()
             await proc.wait()
         await ingest.stop()
+
+
+class _CancelBecomesTimeout(WorkerClient):
+    """The worker side as aiohttp can present it: a call cancelled just as its timeout fires
+    comes back as a timeout (WorkerTransient), not as CancelledError."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9")
+        self.started = asyncio.Event()
+
+    async def resume_session(self, account_id: str) -> None:
+        self.started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise WorkerTransient(
+                f"worker POST resume for {account_id!r} failed: timeout"
+            ) from None
+
+
+async def test_worker_call_pool_stops_even_when_a_cancellation_comes_back_as_an_error(
+    migrated_urls: dict[str, str],
+) -> None:
+    from accountd.adapters.db import Databases
+    from accountd.adapters.repository import AccountRepository
+    from accountd.daemon.worker_calls import RESUME, WorkerCalls
+
+    dbs = Databases(migrated_urls)
+    failures: list[tuple[str, str]] = []
+    worker = _CancelBecomesTimeout()
+    calls = WorkerCalls(
+        worker,
+        AccountRepository(dbs.platform),
+        lambda call, account_id, _exc: failures.append((call, account_id)),
+        concurrency=2,
+    )
+    try:
+        await calls.start()
+        calls.queue(RESUME, "a1")
+        await asyncio.wait_for(worker.started.wait(), 5)
+        # Before the fix the pool task went back to the queue, still "cancelling", and stop()
+        # waited for it forever.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(calls.stop(), 10)
+        assert loop.time() - started < 2
+        assert not calls.running
+        assert failures == [(RESUME, "a1")]
+    finally:
+        await dbs.dispose()

@@ -10,7 +10,6 @@ means for the account (transient → the state's deadline and backoff; rejected 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -64,12 +63,13 @@ class WorkerCalls:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not `suppress(CancelledError)` around each await: that also swallowed a
+        # cancellation of stop() itself.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
     async def _loop(self) -> None:
+        task = asyncio.current_task()
         while True:
             call, account_id = await self._queue.get()
             try:
@@ -78,6 +78,13 @@ class WorkerCalls:
                 self.on_failure(call, account_id, exc)
             except Exception:  # boundary: one bad call must not kill the pool
                 log.exception("worker call %s for %s failed", call, account_id)
+            # A cancellation can come back as an ordinary error: when `stop` cancels a call
+            # just as its aiohttp timeout fires, aiohttp may turn the CancelledError into a
+            # TimeoutError (→ WorkerTransient above). The request is still on the task: honour
+            # it, or the loop waits on the queue forever and `stop` with it (seen in CI: SIGINT
+            # right after start-up, the daemon still running 20 s later).
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def _call(self, call: str, account_id: str) -> None:
         if call == OPEN:
