@@ -182,6 +182,7 @@ def test_fresh_registry_exposes_every_brief_series_with_all_states_at_zero() -> 
         "accountd_transitions_pending",
         "accountd_outbox_pending",
         "accountd_outbox_dropped_total",
+        "accountd_event_loop_lag_seconds",
     }
     # Per-tenant series only when asked for.
     assert not any("tenant" in name for name in families)

@@ -146,10 +146,20 @@ async def test_admin_force_and_worker_event_at_once_exactly_one_wins(
                         return resp.status, await resp.json(content_type=None)
 
                 async def collide(account_id: str) -> tuple[tuple[int, Any], tuple[int, Any]]:
+                    # The control socket has its own thread (side_loop.py): a force reaches the
+                    # door while the main loop still parses the events. A random head start for
+                    # the event, from none to more than the race window (a few ms), lets
+                    # either side arrive first.
+                    head_start = rng.choice((0.0, 0.0, 0.001, 0.002, 0.004, 0.008, 0.016))
+
+                    async def forced_later() -> tuple[int, Any]:
+                        await asyncio.sleep(head_start)
+                        return await force(account_id)
+
                     if rng.random() < 0.5:
-                        f, e = await asyncio.gather(force(account_id), event(account_id))
+                        f, e = await asyncio.gather(forced_later(), event(account_id))
                     else:
-                        e, f = await asyncio.gather(event(account_id), force(account_id))
+                        e, f = await asyncio.gather(event(account_id), forced_later())
                     return f, e
 
                 answers = await asyncio.gather(*(collide(a) for a in stack.ids))

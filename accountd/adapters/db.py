@@ -113,6 +113,7 @@ class Databases:
         if missing:
             raise ValueError(f"missing database URL(s): {', '.join(missing)}")
         self.urls = {k: make_url(urls[k]) for k in DATABASE_KEYS}
+        self._pool = pool
         self.engines: dict[str, AsyncEngine] = {
             k: make_engine(self.urls[k], pool) for k in DATABASE_KEYS
         }
@@ -127,6 +128,12 @@ class Databases:
     def platform_reads(self) -> AsyncEngine:
         """The engine for admin reads of the platform database (see `make_engine`)."""
         return self._platform_reads or self.engines["platform"]
+
+    def read_engine(self) -> AsyncEngine:
+        """A new engine for admin reads of the platform database, to be created, used and
+        disposed on another event loop (the side loop, `accountd.daemon.side_loop`): an
+        engine's connections belong to the loop that opened them."""
+        return make_engine(self.urls["platform"], self._pool, reads=True)
 
     @property
     def core(self) -> AsyncEngine:

@@ -267,10 +267,7 @@ class AccountRepository:
 
     async def history(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` log rows of one account, oldest first."""
-        lg = account_status_logs
-        stmt = select(lg).where(lg.c.account_id == account_id).order_by(lg.c.id.desc()).limit(limit)
-        rows = await fetch_all(self.reads, stmt)
-        return [dict(r._mapping) for r in reversed(rows)]
+        return await history_rows(self.reads, account_id, limit)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -518,6 +515,14 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+async def history_rows(engine: AsyncEngine, account_id: str, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` log rows of one account, oldest first (on ``engine``'s loop)."""
+    lg = account_status_logs
+    stmt = select(lg).where(lg.c.account_id == account_id).order_by(lg.c.id.desc()).limit(limit)
+    rows = await fetch_all(engine, stmt)
+    return [dict(r._mapping) for r in reversed(rows)]
+
+
 __all__ = [
     "AccountRepository",
     "AccountRow",
@@ -527,4 +532,5 @@ __all__ = [
     "Outcome",
     "SessionInfo",
     "TransitionRequest",
+    "history_rows",
 ]

@@ -146,7 +146,8 @@ class AlertManager:
 
     def active_counts(self) -> dict[str, int]:
         """Open alerts per level, every level present (``accountd_alerts_active{level}``)."""
-        return level_counts(self._open.values())
+        # list(): a scrape runs this on the side loop's thread while alerts open and close.
+        return level_counts(list(self._open.values()))
 
     def is_open(self, key: AlertKey) -> bool:
         return key in self._open

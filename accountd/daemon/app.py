@@ -49,6 +49,7 @@ from accountd.daemon.runtime_metrics import (
     freeze_after_load,
     register,
 )
+from accountd.daemon.side_loop import SideLoop
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
 from accountd.logs import setup_logging
@@ -142,6 +143,7 @@ class Daemon:
         self.exit_code = 0
         # accountctl requests go ahead of heartbeat batches (shared by the two listeners).
         self.lane = AdminLane()
+        self.side: SideLoop | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         # SIGHUP and `accountctl reload` may overlap: one reload at a time, each complete.
@@ -203,6 +205,11 @@ class Daemon:
             watchdog = Ticker("sd-watchdog", interval, self._ping_watchdog)
             await watchdog.start()
             stack.push_async_callback(watchdog.stop)
+        # The side loop (its own thread) serves the metrics listener and the control socket,
+        # so both answer while a heartbeat flood keeps this loop busy (side_loop.py).
+        side = self.side = SideLoop()
+        await side.start()
+        stack.push_async_callback(side.stop)
         # Metrics and health first, so /healthz answers while databases and accounts load.
         metrics = self.metrics = Metrics(
             self.registry,
@@ -212,7 +219,9 @@ class Daemon:
             alerts=lambda: self.alerts,
             lane=self.lane,
         )
-        self.metrics_port = await serve_metrics(stack, metrics, s.metrics.host, s.metrics.port)
+        self.metrics_port = await serve_metrics(
+            stack, metrics, s.metrics.host, s.metrics.port, side=side
+        )
         dbs = Databases(s.database_urls(), s.pool())
         stack.push_async_callback(dbs.dispose)
         self.databases = dbs
@@ -309,9 +318,11 @@ class Daemon:
         stack.push_async_callback(ingest.stop)
 
         # Admin input (accountctl): once the accounts are loaded; stopped before the supervisor.
-        control = ControlServer(self, s.control, lane=self.lane)
-        self.control_socket = await control.start()
-        stack.push_async_callback(control.stop)
+        control = ControlServer(
+            self, s.control, lane=self.lane, main_loop=asyncio.get_running_loop()
+        )
+        self.control_socket = await side.run(control.start())
+        stack.push_async_callback(side.call, control.stop)
 
         self.ready = True
         stack.callback(metrics.mark_stopping)  # first thing at shutdown: /readyz says 503

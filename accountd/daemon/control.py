@@ -30,9 +30,10 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from accountd.adapters.db import DATABASE_KEYS, Databases
-from accountd.adapters.repository import utcnow
+from accountd.adapters.repository import history_rows, utcnow
 from accountd.adapters.schema import operation_logs
 from accountd.daemon.alerts import AlertManager
 from accountd.daemon.clock import Clock
@@ -80,6 +81,7 @@ from accountd.daemon.door import Change, Planned
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import ItemResult
+from accountd.daemon.side_loop import on_main
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import ConfigError, ControlError, DatabaseUnavailable, Overloaded
 from accountd.ids import uuid7
@@ -132,25 +134,37 @@ class ControlServer:
         version: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         lane: AdminLane | None = None,
+        main_loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """``main_loop``: where the supervisor runs, when this server is started on another
+        loop (the side loop, `accountd.daemon.side_loop`); None when both are the same."""
         self.host = host
         self.lane = lane
+        self.main_loop = main_loop
         self.settings = settings
         self.request_timeout = request_timeout
         self.path = Path(settings.socket)
         self.version = version or _package_version()
         self._runner: web.AppRunner | None = None
         self._inode: tuple[int, int] | None = None
+        self._reads: AsyncEngine | None = None
 
     async def start(self) -> Path:
+        """Bind and serve, on the loop that runs this (the side loop in the daemon)."""
         sock = await bind_control_socket(self.path, group=self.settings.group)
         self._inode = inode_of(self.path)
+        dbs = self.host.databases
+        if self.main_loop is not None and dbs is not None:
+            # The main loop's engines cannot be used from here: this loop reads on its own.
+            self._reads = dbs.read_engine()
         app = make_control_app(
             self.host,
             Acl.from_settings(self.settings),
             version=self.version,
             request_timeout=self.request_timeout,
             lane=self.lane,
+            main_loop=self.main_loop,
+            reads=self._reads,
         )
         runner = web.AppRunner(
             app,
@@ -171,6 +185,7 @@ class ControlServer:
             sock.close()
             await runner.cleanup()
             unlink_if_ours(self.path, self._inode)
+            await self._dispose_reads()
             raise
         self._runner = runner
         log.info("control socket listening on %s", self.path)
@@ -182,6 +197,12 @@ class ControlServer:
             await runner.cleanup()
         unlink_if_ours(self.path, self._inode)
         self._inode = None
+        await self._dispose_reads()
+
+    async def _dispose_reads(self) -> None:
+        reads, self._reads = self._reads, None
+        if reads is not None:
+            await reads.dispose()
 
 
 def make_control_app(
@@ -191,22 +212,45 @@ def make_control_app(
     version: str,
     request_timeout: float = REQUEST_TIMEOUT,
     lane: AdminLane | None = None,
+    main_loop: asyncio.AbstractEventLoop | None = None,
+    reads: AsyncEngine | None = None,
 ) -> web.Application:
-    """`lane`: the daemon's `AdminLane`; an admitted request goes ahead of heartbeat batches."""
-    api = _Api(host, version)
+    """The control API.
+
+    `lane`: the daemon's `AdminLane`; an admitted request goes ahead of heartbeat batches.
+    `main_loop`: the supervisor's loop when the app is served by another one (the side loop).
+    `show` and `history` then run where the app runs, reading the database through `reads`
+    (an engine of that loop) and the account under `Supervisor.view_lock`: they answer
+    without waiting for a turn of the busy main loop. Every other endpoint walks or changes
+    the daemon's state, so it runs on the main loop, admitted to the lane there.
+    """
+    api = _Api(host, version, reads)
+    admin_lane = lane or AdminLane()
+
+    def on_main_loop(handler: Handler) -> Handler:
+        async def admitted(request: web.Request) -> web.StreamResponse:
+            # Runs on the main loop: the lane is one of its objects.
+            with admin_lane.admit():
+                return await handler(request)
+
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            return await on_main(main_loop, admitted(request))
+
+        return dispatch
+
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[_boundary(acl, request_timeout, lane or AdminLane())],
+        middlewares=[_boundary(acl, request_timeout)],
     )
-    app.router.add_get("/v1/status", api.status)
-    app.router.add_get("/v1/accounts", api.list_accounts)
+    app.router.add_get("/v1/status", on_main_loop(api.status))
+    app.router.add_get("/v1/accounts", on_main_loop(api.list_accounts))
     app.router.add_get("/v1/accounts/{ref}", api.show)
     app.router.add_get("/v1/accounts/{ref}/history", api.history)
-    app.router.add_post("/v1/accounts/{ref}/force", api.force)
-    app.router.add_post("/v1/accounts/{ref}/recover", api.recover)
-    app.router.add_post("/v1/accounts/{ref}/pause", api.pause)
-    app.router.add_post("/v1/accounts/{ref}/resume", api.resume)
-    app.router.add_post("/v1/reload", api.reload)
+    app.router.add_post("/v1/accounts/{ref}/force", on_main_loop(api.force))
+    app.router.add_post("/v1/accounts/{ref}/recover", on_main_loop(api.recover))
+    app.router.add_post("/v1/accounts/{ref}/pause", on_main_loop(api.pause))
+    app.router.add_post("/v1/accounts/{ref}/resume", on_main_loop(api.resume))
+    app.router.add_post("/v1/reload", on_main_loop(api.reload))
     return app
 
 
@@ -215,7 +259,7 @@ def _peer(request: web.Request) -> Peer | None:
     return peer_of(transport.get_extra_info("socket")) if transport is not None else None
 
 
-def _boundary(acl: Acl, request_timeout: float, lane: AdminLane) -> Middleware:
+def _boundary(acl: Acl, request_timeout: float) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -228,11 +272,9 @@ def _boundary(acl: Acl, request_timeout: float, lane: AdminLane) -> Middleware:
             if role_of(peer, acl) < needed:
                 what = "use the control socket" if needed is Role.readonly else "change anything"
                 raise fail(PERMISSION_DENIED, f"uid {peer.uid} may not {what}")
-            # Admitted (peers with a role only): heartbeat batches give way while it runs.
-            with lane.admit():
-                if request.can_read_body:
-                    await _read_body(request, request_timeout)  # cached for the handler's read()
-                response = await handler(request)
+            if request.can_read_body:
+                await _read_body(request, request_timeout)  # cached for the handler's read()
+            response = await handler(request)
         except ControlError as exc:
             code = exc.code
             response = error_response(exc.code, exc.message, exc.http_status)
@@ -289,9 +331,13 @@ async def _read_body(request: web.Request, limit: float) -> None:
 
 
 class _Api:
-    def __init__(self, host: ControlHost, version: str) -> None:
+    def __init__(self, host: ControlHost, version: str, reads: AsyncEngine | None) -> None:
         self.host = host
         self.version = version
+        self._reads = reads
+
+    def _reads_engine(self, sup: Supervisor) -> AsyncEngine:
+        return self._reads if self._reads is not None else sup.repo.reads
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -445,15 +491,20 @@ class _Api:
             }
         )
 
+    # show and history may run on the side loop (`make_control_app`).
+
     async def show(self, request: web.Request) -> web.Response:
         sup, acc = self._account(request)
-        body: dict[str, Any] = {"account": details(sup, acc, sup.clock.now())}
+        with sup.view_lock:
+            view = details(sup, acc, sup.clock.now())
+        body: dict[str, Any] = {"account": view}
+        reads = self._reads_engine(sup)
         try:
             row, supervision, history = await asyncio.wait_for(
                 asyncio.gather(
-                    account_row(sup, acc.id),
-                    supervision_row(sup, acc.id),
-                    sup.repo.history(acc.id, SHOW_HISTORY),
+                    account_row(reads, acc.id),
+                    supervision_row(reads, acc.id),
+                    history_rows(reads, acc.id, SHOW_HISTORY),
                 ),
                 DB_TIMEOUT,
             )
@@ -468,7 +519,9 @@ class _Api:
         sup, acc = self._account(request)
         limit = parse_int(request.query.get("limit"), "limit", 50, 1, MAX_LIMIT)
         try:
-            rows = await asyncio.wait_for(sup.repo.history(acc.id, limit), DB_TIMEOUT)
+            rows = await asyncio.wait_for(
+                history_rows(self._reads_engine(sup), acc.id, limit), DB_TIMEOUT
+            )
         except (OperationalError, DBAPIError, OSError, TimeoutError) as exc:
             raise fail(UNAVAILABLE, f"database: {redact(first_line(exc))}") from None
         return json_ok({"account_id": acc.id, "history": [scrub(r) for r in rows]})

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from accountd.adapters.db import fetch_all
 from accountd.adapters.schema import accountd_supervision, wework_accounts
@@ -185,6 +186,8 @@ def summary(acc: Account, now: float) -> dict[str, Any]:
 
 
 def details(sup: Supervisor, acc: Account, now: float) -> dict[str, Any]:
+    """The daemon's view of one account. May run on the side loop: the caller holds
+    `Supervisor.view_lock`, so the fields come from one moment between two transitions."""
     pending = sup.deadlines.get(acc.id)
     return {
         **summary(acc, now),
@@ -212,7 +215,7 @@ def force_desc(old: State, new: State, reason: str) -> str:
     return f"force {old} -> {new}: {reason}"
 
 
-async def account_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None:
+async def account_row(engine: AsyncEngine, account_id: str) -> dict[str, Any] | None:
     a = wework_accounts
     visible = [c for c in a.c if c.name not in SECRET_COLUMNS]
     stmt = select(
@@ -220,7 +223,7 @@ async def account_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None
         a.c.wework_secret.is_not(None).label("wework_secret_set"),
         a.c.login_qr_code.is_not(None).label("login_qr_code_set"),
     ).where(a.c.id == account_id)
-    rows = await fetch_all(sup.repo.reads, stmt)
+    rows = await fetch_all(engine, stmt)
     if not rows:
         return None
     row = rows[0]
@@ -229,9 +232,9 @@ async def account_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None
     return {**scrub(data), **flags}
 
 
-async def supervision_row(sup: Supervisor, account_id: str) -> dict[str, Any] | None:
+async def supervision_row(engine: AsyncEngine, account_id: str) -> dict[str, Any] | None:
     s = accountd_supervision
-    rows = await fetch_all(sup.repo.reads, select(s).where(s.c.account_id == account_id))
+    rows = await fetch_all(engine, select(s).where(s.c.account_id == account_id))
     return scrub(dict(rows[0]._mapping)) if rows else None
 
 

@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from accountd.adapters.db import DATABASE_KEYS
 from accountd.daemon.priority import AdminLane
+from accountd.daemon.runtime_metrics import LoopLag
 from accountd.errors import DatabaseUnavailable
 from accountd.statemachine import Account, State, Trigger, all_pairs, is_legal, next_state
 
@@ -191,13 +192,14 @@ class Metrics(Collector):
         self.ping_ok: dict[str, bool | None] = dict.fromkeys(DATABASE_KEYS, None)
         self.tenant_transitions: dict[tuple[str, str], int] = {}
         # Results of the last refresh (heartbeat ages, per-tenant counts).
-        self.heartbeat_ages = _Histogram(HEARTBEAT_AGE_BUCKETS)
-        self.heartbeat_scale = 1.0
+        # (histogram, scale) as one value: a scrape on the side loop reads both at once.
+        self._ages = (_Histogram(HEARTBEAT_AGE_BUCKETS), 1.0)
         self.tenant_accounts: dict[tuple[str, str], int] = {}
         self._sample_offset = 0
         self._started = time.monotonic()
         self._refresh_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLag()
         registry.register(self)
 
     # ---------------------------------------------------------------- wiring
@@ -215,13 +217,16 @@ class Metrics(Collector):
             supervisor.door.on_db_time = self.observe_db
 
     async def start(self) -> None:
-        """Start the periodic refresh (stopped by `stop`)."""
+        """Start the periodic refresh and the loop-lag timer, on the main loop (stopped by
+        `stop`)."""
         assert self._refresh_task is None
         self._refresh_task = asyncio.create_task(
             self._refresh_loop(), name="accountd-metrics-refresh"
         )
+        self.loop_lag.start()
 
     async def stop(self) -> None:
+        self.loop_lag.stop()
         await _cancel(self._refresh_task)
         self._refresh_task = None
 
@@ -236,6 +241,11 @@ class Metrics(Collector):
     async def unwatch(self) -> None:
         await _cancel(self._ping_task)
         self._ping_task = None
+
+    @property
+    def heartbeat_ages(self) -> _Histogram:
+        """The last refresh's heartbeat-age histogram (of a sample above heartbeat_sample)."""
+        return self._ages[0]
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -291,7 +301,7 @@ class Metrics(Collector):
         sup = self.supervisor
         hist = _Histogram(HEARTBEAT_AGE_BUCKETS)
         if sup is None:
-            self.heartbeat_ages, self.heartbeat_scale = hist, 1.0
+            self._ages = (hist, 1.0)
             return
         now = self.clock.now()
         accounts: Iterable[Account] = sup.accounts.values()
@@ -310,10 +320,9 @@ class Metrics(Collector):
                 hist.observe(max(0.0, now - last))
         seen = hist.count
         exact = sup.counts[State.online]
-        self.heartbeat_ages = hist
         # Scale the sample to the exact number of online accounts; the +Inf bucket and _count
         # then agree with accountd_accounts{state="online"}.
-        self.heartbeat_scale = exact / seen if seen and total > cap else 1.0
+        self._ages = (hist, exact / seen if seen and total > cap else 1.0)
 
     async def refresh_tenants(self, chunk: int = 20_000) -> None:
         """Accounts per (tenant, state): a full walk, in chunks that yield to the loop."""
@@ -397,10 +406,13 @@ class Metrics(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Names only, so that the registry refuses a second collector with the same series.
-        return list(self._families(empty=True))
+        return [*self._families(empty=True), self.loop_lag.family()]
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._families(empty=False))
+        # Scrapes run on the side loop's thread while the main thread changes these numbers.
+        # Every dict the main thread may grow is copied in one C call (`list(d.items())`)
+        # before it is walked; a value read mid-change is at most one event behind.
+        return [*self._families(empty=False), self.loop_lag.family()]
 
     def _families(self, *, empty: bool) -> Iterator[Metric]:
         sup = self.supervisor
@@ -489,16 +501,14 @@ class Metrics(Collector):
 
         for state in State:
             accounts.add_metric([str(state)], counts[state])
-        for (old, new, trigger), n in self.transitions.items():
+        for (old, new, trigger), n in list(self.transitions.items()):
             transitions.add_metric([old, new, trigger], n)
         heartbeats.add_metric([], sup.heartbeats_received if sup is not None else 0)
-        hb = self.heartbeat_ages
-        ages.add_metric(
-            [], hb.buckets(self.heartbeat_scale), sum_value=hb.total * self.heartbeat_scale
-        )
-        for state_name, hist in self.state_duration.items():
+        hb, scale = self._ages
+        ages.add_metric([], hb.buckets(scale), sum_value=hb.total * scale)
+        for state_name, hist in list(self.state_duration.items()):
             durations.add_metric([state_name], hist.buckets(), sum_value=hist.total)
-        for outcome, n in self.recoveries.items():
+        for outcome, n in list(self.recoveries.items()):
             recoveries.add_metric([outcome], n)
         in_flight.add_metric([], counts[State.recovering])
         door_errors = sup.door.stats.db_errors if sup is not None else 0
@@ -506,7 +516,7 @@ class Metrics(Collector):
             db_up.add_metric([key], 1.0 if self.db_up(key) else 0.0)
             extra = door_errors if key == "platform" else 0
             db_errors.add_metric([key], self.db_errors.get(key, 0) + extra)
-        for (database, operation), hist in self.db_latency.items():
+        for (database, operation), hist in list(self.db_latency.items()):
             db_latency.add_metric([database, operation], hist.buckets(), sum_value=hist.total)
         source = self.alerts()
         active = source.active_counts() if source is not None else {}
@@ -520,9 +530,9 @@ class Metrics(Collector):
                 outbox_pending.add_metric([key], self.outbox.pending(key))
         outbox_dropped.add_metric([], self.outbox.dropped if self.outbox is not None else 0)
         if self.per_tenant:
-            for (tenant, state_name), n in self.tenant_accounts.items():
+            for (tenant, state_name), n in list(self.tenant_accounts.items()):
                 tenant_accounts.add_metric([tenant, state_name], n)
-            for (tenant, new), n in self.tenant_transitions.items():
+            for (tenant, new), n in list(self.tenant_transitions.items()):
                 tenant_transitions.add_metric([tenant, new], n)
         yield from families
 

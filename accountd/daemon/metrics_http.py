@@ -6,6 +6,9 @@ stopped last, so that the drain at shutdown stays observable. ``/readyz`` is 200
 databases answer, the accounts are loaded and the daemon said it is ready; otherwise 503 with the
 reasons as JSON (``{"ready": false, "reasons": [...]}``). During shutdown it says so, first.
 
+In the daemon the listener runs on the side loop (`accountd.daemon.side_loop`), so a scrape
+and a health check answer while a heartbeat flood keeps the main loop busy.
+
 A scrape renders the collector's current numbers: no database query and no walk over the
 accounts happens inside it, so its time and size do not grow with the number of accounts.
 """
@@ -19,9 +22,13 @@ from prometheus_client.exposition import choose_encoder
 
 from accountd.daemon.ingest import bound_port
 from accountd.daemon.metrics import Metrics
+from accountd.daemon.side_loop import SideLoop
 from accountd.errors import ConfigError
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+# /healthz fails once the main loop has not run its 0.1 s timer for this long: a loop stuck
+# in one callback (systemd's watchdog, 30 s, would restart the daemon a little later).
+STALLED_AFTER = 10.0
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -33,9 +40,19 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    # Answering at all is the proof: the event loop runs and serves requests.
+    # Served by the side loop in the daemon: answering proves that loop runs, and the main
+    # loop's timer (`LoopLag`) says whether the main loop still turns.
     metrics = request.app[METRICS_KEY]
-    return web.json_response({"alive": True, "uptime_seconds": round(metrics.uptime(), 3)})
+    lag = metrics.loop_lag
+    seen_ago = lag.seen_ago()
+    alive = seen_ago < STALLED_AFTER
+    body = {
+        "alive": alive,
+        "uptime_seconds": round(metrics.uptime(), 3),
+        "loop_lag_seconds": round(lag.last, 4),
+        "loop_seen_seconds_ago": round(seen_ago, 3),
+    }
+    return web.json_response(body, status=200 if alive else 503)
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -94,12 +111,21 @@ class MetricsServer:
 
 
 async def serve_metrics(
-    stack: contextlib.AsyncExitStack, metrics: Metrics, host: str, port: int
+    stack: contextlib.AsyncExitStack,
+    metrics: Metrics,
+    host: str,
+    port: int,
+    side: SideLoop | None = None,
 ) -> int:
-    """Start the listener and the periodic refresh; register their cleanup; return the port."""
+    """Start the listener (on ``side`` when given) and the periodic refresh; register their
+    cleanup; return the port."""
     server = MetricsServer(metrics)
-    bound = await server.start(host, port)
-    stack.push_async_callback(server.stop)
+    if side is None:
+        bound = await server.start(host, port)
+        stack.push_async_callback(server.stop)
+    else:
+        bound = await side.run(server.start(host, port))
+        stack.push_async_callback(side.call, server.stop)
     await metrics.start()
     stack.push_async_callback(metrics.stop)
     return bound

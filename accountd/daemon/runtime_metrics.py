@@ -14,6 +14,11 @@ The callback only does arithmetic on plain attributes: it can fire inside any al
 including one made while prometheus_client holds its own (non-reentrant) lock during a scrape,
 so it must not call into a metric object. The collector reads the numbers at scrape time.
 
+`LoopLag` times the main event loop from inside: a timer every 0.1 s notes how late it ran,
+which is how long a callback waited for its turn (``accountd_event_loop_lag_seconds``). Since
+/healthz is served by the side loop (`accountd.daemon.side_loop`), answering no longer proves
+that the main loop turns; the time since this timer last ran does.
+
 ``accountd_heartbeats_persisted_total`` counts the rows the heartbeat flush wrote to
 ``last_heartbeat_at``: with ``accountd_heartbeats_received_total`` it shows the coalescing
 (received/s far above written/s, written/s bounded by accounts / ``persist_interval``).
@@ -21,6 +26,7 @@ so it must not call into a metric object. The collector reads the numbers at scr
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import gc
 import time
@@ -33,6 +39,7 @@ from prometheus_client.registry import Collector
 
 PAUSE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GENERATIONS: Final = (0, 1, 2)
+LAG_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 # The youngest generation's threshold once the accounts are loaded (CPython's default: 700).
@@ -124,6 +131,71 @@ class GcPauses(Collector):
         yield longest
 
 
+class LoopLag:
+    """Measures the lag of the event loop it is started on (see the module docstring).
+
+    Written by the timer on the main loop, read by /healthz and scrapes on the side loop:
+    plain floats and ints, each written by one assignment.
+    """
+
+    def __init__(self, interval: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self.last_seen = clock()
+        self.last = 0.0  # seconds the last tick was late
+        self.longest = 0.0
+        self._buckets = [0] * (len(LAG_BUCKETS) + 1)
+        self._sum = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        """Start ticking on the running loop (the main loop)."""
+        if self._handle is None:
+            self.last_seen = self._clock()
+            self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def seen_ago(self) -> float:
+        """Seconds since the loop last ran the timer (0 while not started)."""
+        return max(0.0, self._clock() - self.last_seen) if self.running else 0.0
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = self._clock() + self.interval
+        self._handle = loop.call_later(self.interval, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = self._clock()
+        lag = max(0.0, now - self._due)
+        self._buckets[bisect.bisect_left(LAG_BUCKETS, lag)] += 1
+        self._sum += lag
+        self.longest = max(self.longest, lag)
+        self.last = lag
+        self.last_seen = now
+        self._schedule(loop)
+
+    def family(self) -> HistogramMetricFamily:
+        hist = HistogramMetricFamily(
+            "accountd_event_loop_lag_seconds",
+            "How late the main event loop ran a 0.1 s timer: the wait for a turn.",
+        )
+        cumulative: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*LAG_BUCKETS, float("inf")), list(self._buckets), strict=True):
+            total += n
+            cumulative.append((_le(bound), total))
+        hist.add_metric([], cumulative, self._sum)
+        return hist
+
+
 class HeartbeatsPersisted(Collector):
     """``accountd_heartbeats_persisted_total`` read from a counter the flush keeps."""
 
@@ -154,4 +226,11 @@ def register(registry: CollectorRegistry, *collectors: Collector) -> Callable[[]
     return unregister
 
 
-__all__ = ["YOUNG_THRESHOLD", "GcPauses", "HeartbeatsPersisted", "freeze_after_load", "register"]
+__all__ = [
+    "YOUNG_THRESHOLD",
+    "GcPauses",
+    "HeartbeatsPersisted",
+    "LoopLag",
+    "freeze_after_load",
+    "register",
+]

@@ -1,0 +1,138 @@
+"""A second event loop, on its own thread, for the listeners that must answer while ingest is busy.
+
+Under a heartbeat flood the main loop never idles: every turn holds a heartbeat slice, a
+deadline batch, a flush statement. Anything served by that loop waits for turns before its
+handler even runs (an `accountctl show` waited two turns to be parsed, then one per database
+round trip), and no priority inside the loop can shorten the turns before a request is read.
+So the control socket and the metrics listener run here instead: this loop is idle almost
+always, wakes on its own sockets, and needs only the GIL, not a turn of the main loop.
+
+What decides its latency is how soon the busy main thread hands over the GIL. CPython makes a
+running thread give it up after `sys.getswitchinterval()` (5 ms by default) when another thread
+asks; a request that wakes this loop four or five times (accept, read, two database answers,
+write) waited ~35 ms for it at p50. With 1 ms it waited ~6 ms (docs/benchmarks.md, "Control
+latency"). The interval only costs anything while two threads want the GIL, which here means
+while an admin request or a scrape is being served.
+
+Rules for code running on this loop (see `accountd/daemon/control.py` and `metrics.py`):
+
+* no object of the main loop is awaited or touched here (futures, events, locks, engines);
+  work that needs the main loop goes there with `on_main` and its result comes back;
+* reads of the daemon's in-memory state take what one C call can copy (``dict.get``,
+  ``list(d.items())``), or hold `Supervisor.view_lock` for an account's several fields.
+
+One owner: the daemon enters it in its `AsyncExitStack`; everything started on it is stopped on
+it before the loop stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# GIL hand-over time while the side loop wants to run (module docstring).
+SWITCH_INTERVAL = 0.001
+# How long `stop` waits for the thread once its loop was told to stop.
+JOIN_TIMEOUT = 5.0
+
+
+class SideLoop:
+    """An event loop running on a daemon-owned thread; `run` executes coroutines on it."""
+
+    def __init__(self, name: str = "accountd-side") -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._previous_interval: float | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("side loop not started")
+        return self._loop
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("side loop already started")
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            try:
+                loop.run_forever()
+            finally:
+                asyncio.set_event_loop(None)
+
+        thread = threading.Thread(target=main, name=self.name, daemon=True)
+        thread.start()
+        # The thread is up within microseconds; waiting in a worker thread keeps the rule
+        # that the main loop never blocks.
+        await asyncio.to_thread(started.wait)
+        self._loop, self._thread = loop, thread
+        self._previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._previous_interval, SWITCH_INTERVAL))
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the side loop and wait for it here (cancelling this cancels it)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def call(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """`run` of ``fn()``: for `AsyncExitStack.push_async_callback` (the coroutine is made
+        when the callback runs, not when it is registered)."""
+        return await self.run(fn())
+
+    async def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            await self.run(_cancel_the_rest())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, JOIN_TIMEOUT)
+            if thread.is_alive():
+                log.warning("side loop: thread did not stop within %gs", JOIN_TIMEOUT)
+            else:
+                loop.close()
+            self._loop = self._thread = None
+            if self._previous_interval is not None:
+                sys.setswitchinterval(self._previous_interval)
+                self._previous_interval = None
+
+
+async def on_main(loop: asyncio.AbstractEventLoop | None, work: Awaitable[T]) -> T:
+    """Await ``work`` on ``loop`` (the main loop) from whichever loop runs this.
+
+    ``loop`` None or the running loop: awaited in place (tests serve everything on one loop).
+    Cancelling the caller cancels the work on the main loop.
+    """
+    if loop is None or loop is asyncio.get_running_loop():
+        return await work
+
+    async def wrapped() -> T:
+        return await work
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wrapped(), loop))
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel whatever is still running on the side loop (a stuck request, a timer)."""
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+__all__ = ["SWITCH_INTERVAL", "SideLoop", "on_main"]
