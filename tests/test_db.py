@@ -93,5 +93,19 @@ async def test_admin_reads_survive_a_connection_the_server_closed(
         assert await repo.history("nobody") == []
         (again,) = await fetch_all(reads, text("SELECT CONNECTION_ID()"))
         assert again[0] != row[0]
+        # One round trip a read: autocommit, so the pool sends no ROLLBACK on return (one
+        # connection in the pool since the KILL, so these ran on the one SHOW asks about).
+        for _ in range(3):
+            await repo.history("nobody")
+        rollbacks = await fetch_all(reads, text("SHOW SESSION STATUS LIKE 'Com_rollback'"))
+        assert [tuple(r) for r in rollbacks] == [("Com_rollback", "0")]
+        # The side loop's engine (Databases.read_engine) is built the same way.
+        side = dbs.read_engine()
+        try:
+            assert side.dialect.name == "mysql" and side.pool.size() <= 3
+            (one,) = await fetch_all(side, text("SELECT @@autocommit"))
+            assert one[0] == 1
+        finally:
+            await side.dispose()
     finally:
         await dbs.dispose()

@@ -62,12 +62,13 @@ def make_engine(
 ) -> AsyncEngine:
     """Build the async engine for one database URL.
 
-    ``reads=True`` (MySQL/MariaDB): a small second pool for the control API's reads
-    (`fetch_all`), without the pre-ping. A checkout with pre-ping costs a round trip before
-    the query and the return to the pool another (the rollback): three per read. Under a
-    heartbeat flood every round trip waits for event-loop turns, so `accountctl show` (three
-    reads) paid nine. Without the ping a read costs two; a connection the server closed
-    meanwhile fails once, is discarded, and `fetch_all` retries on a fresh one.
+    ``reads=True`` (MySQL/MariaDB): a small pool for the control API's reads (`fetch_all`),
+    in autocommit mode and without the pre-ping. A checkout with pre-ping costs a round trip
+    before the query, and the return to the pool another (the rollback): three per read, and
+    `accountctl show` makes three reads. Without the ping, and with autocommit (each SELECT
+    its own transaction, so there is nothing to roll back and the rollback is skipped), a
+    read is one round trip. A connection the server closed meanwhile fails once, is
+    discarded, and `fetch_all` retries on a fresh one.
     """
     pool = pool or PoolSettings()
     u = make_url(url)
@@ -99,7 +100,8 @@ def make_engine(
             # Our writes lock exactly the rows they change (SELECT … FOR UPDATE by primary key);
             # REPEATABLE READ would add gap locks that deadlock against other services'
             # INSERTs of new accounts and against the heartbeat flush.
-            isolation_level="READ COMMITTED",
+            isolation_level="AUTOCOMMIT" if reads else "READ COMMITTED",
+            skip_autocommit_rollback=reads,
             connect_args=connect_args,
         )
     raise ValueError(f"unsupported database backend {backend!r} in {safe_url(u)}")

@@ -8,8 +8,10 @@ in each turn: 175 ms at p50, 640 ms at p99 with a million accounts (docs/benchma
 `AdminLane` is the small fix: the control socket marks its requests as in flight (`admit`), and
 bulk work asks for the lane before each step (`bulk_step`). While an admin request is in
 flight, that step waits until the request is answered, so the request's turns hold no bulk
-work. (A /metrics scrape is not admitted: its handler is one synchronous step, so what it waits
-for are the turns before it runs, which no admission inside aiohttp can shorten.)
+work. Since the side loop (`accountd/daemon/side_loop.py`) serves the control socket and
+/metrics from their own thread, `show`, `history` and scrapes no longer need the main loop's
+turns at all; the lane is for the requests still handed to the main loop (status, list,
+force, recover, pause, resume, reload), which `make_control_app` admits there.
 
 Two bounds keep the daemon's main job safe, since a starved ingest means heartbeats the
 daemon did not hear (and, left long enough, false `heartbeat_lost` decisions):

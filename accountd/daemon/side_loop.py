@@ -11,8 +11,11 @@ What decides its latency is how soon the busy main thread hands over the GIL. CP
 running thread give it up after `sys.getswitchinterval()` (5 ms by default) when another thread
 asks; a request that wakes this loop four or five times (accept, read, two database answers,
 write) waited ~35 ms for it at p50. With 1 ms it waited ~6 ms (docs/benchmarks.md, "Control
-latency"). The interval only costs anything while two threads want the GIL, which here means
-while an admin request or a scrape is being served.
+latency"). It is lowered for as long as the side loop runs: lowering it only while a request
+is in flight here cost the request a first wait of up to 5 ms and measured worse (show under a
+flood at 1M: p50 24–33 ms against 17–21 ms). On MariaDB no other thread wants the GIL when the
+side loop is idle, so the low interval costs nothing then; on SQLite, aiosqlite's worker
+thread trades the GIL with the main thread more often.
 
 Rules for code running on this loop (see `accountd/daemon/control.py` and `metrics.py`):
 
