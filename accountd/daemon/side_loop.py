@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# GIL hand-over time while the side loop wants to run (module docstring).
+# GIL hand-over time for as long as the side loop runs (module docstring).
 SWITCH_INTERVAL = 0.001
 # How long `stop` waits for the thread once its loop was told to stop.
 JOIN_TIMEOUT = 5.0
