@@ -143,7 +143,6 @@ class Daemon:
         self.exit_code = 0
         # accountctl requests go ahead of heartbeat batches (shared by the two listeners).
         self.lane = AdminLane()
-        self.side: SideLoop | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         # SIGHUP and `accountctl reload` may overlap: one reload at a time, each complete.
@@ -207,7 +206,7 @@ class Daemon:
             stack.push_async_callback(watchdog.stop)
         # The side loop (its own thread) serves the metrics listener and the control socket,
         # so both answer while a heartbeat flood keeps this loop busy (side_loop.py).
-        side = self.side = SideLoop()
+        side = SideLoop()
         await side.start()
         stack.push_async_callback(side.stop)
         # Metrics and health first, so /healthz answers while databases and accounts load.

@@ -30,7 +30,7 @@ import asyncio
 import bisect
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
@@ -120,12 +120,9 @@ class GcPauses(Collector):
             labels=["generation"],
         )
         for gen in GENERATIONS:
-            cumulative: list[tuple[str, float]] = []
-            total = 0
-            for bound, n in zip((*PAUSE_BUCKETS, float("inf")), self._buckets[gen], strict=True):
-                total += n
-                cumulative.append((_le(bound), total))
-            hist.add_metric([str(gen)], cumulative, self._sum[gen])
+            hist.add_metric(
+                [str(gen)], _cumulative(PAUSE_BUCKETS, self._buckets[gen]), self._sum[gen]
+            )
             longest.add_metric([str(gen)], self._max[gen])
         yield hist
         yield longest
@@ -187,12 +184,7 @@ class LoopLag:
             "accountd_event_loop_lag_seconds",
             "How late the main event loop ran a 0.1 s timer: the wait for a turn.",
         )
-        cumulative: list[tuple[str, float]] = []
-        total = 0
-        for bound, n in zip((*LAG_BUCKETS, float("inf")), list(self._buckets), strict=True):
-            total += n
-            cumulative.append((_le(bound), total))
-        hist.add_metric([], cumulative, self._sum)
+        hist.add_metric([], _cumulative(LAG_BUCKETS, self._buckets), self._sum)
         return hist
 
 
@@ -210,8 +202,15 @@ class HeartbeatsPersisted(Collector):
         )
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Non-cumulative bucket counts (last = +Inf) as the (le, cumulative count) pairs that
+    `HistogramMetricFamily` takes."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip((*bounds, float("inf")), list(counts), strict=True):
+        total += n
+        out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return out
 
 
 def register(registry: CollectorRegistry, *collectors: Collector) -> Callable[[], None]:
