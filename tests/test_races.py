@@ -18,7 +18,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,20 +146,25 @@ async def test_admin_force_and_worker_event_at_once_exactly_one_wins(
                         return resp.status, await resp.json(content_type=None)
 
                 async def collide(account_id: str) -> tuple[tuple[int, Any], tuple[int, Any]]:
-                    # The control socket has its own thread (side_loop.py): a force reaches the
-                    # door while the main loop still parses the events. A random head start for
-                    # the event, from none to more than the race window (a few ms), lets
-                    # either side arrive first.
-                    head_start = rng.choice((0.0, 0.0, 0.001, 0.002, 0.004, 0.008, 0.016))
+                    # Which side reaches the door first depends on the machine's timing (the
+                    # control socket has its own thread, side_loop.py, while the events are
+                    # parsed by the main loop). One side, picked at random, starts a random
+                    # 0-16 ms later: the short delays collide, the long ones make sure each
+                    # side also wins outright now and then.
+                    delay = rng.choice((0.0, 0.001, 0.002, 0.004, 0.008, 0.016))
+                    force_later = rng.random() < 0.5
 
-                    async def forced_later() -> tuple[int, Any]:
-                        await asyncio.sleep(head_start)
-                        return await force(account_id)
+                    async def later(
+                        delayed: bool, call: Awaitable[tuple[int, Any]]
+                    ) -> tuple[int, Any]:
+                        if delayed:
+                            await asyncio.sleep(delay)
+                        return await call
 
-                    if rng.random() < 0.5:
-                        f, e = await asyncio.gather(forced_later(), event(account_id))
-                    else:
-                        e, f = await asyncio.gather(event(account_id), forced_later())
+                    f, e = await asyncio.gather(
+                        later(force_later, force(account_id)),
+                        later(not force_later, event(account_id)),
+                    )
                     return f, e
 
                 answers = await asyncio.gather(*(collide(a) for a in stack.ids))
