@@ -21,10 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
 
-from accountd.adapters.db import Databases
-from accountd.adapters.loader import LoadedRow, iter_loaded
+from accountd.adapters.db import Databases, make_engine
+from accountd.adapters.loader import LoadedRow, heartbeats_after, iter_loaded, unpack_heartbeats
 from accountd.adapters.repository import AccountRepository, from_db_time, to_db_time
 from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.adapters.worker import WorkerClient
@@ -312,6 +312,71 @@ async def test_heartbeats_written_by_others_are_picked_up_in_pages(
     assert await sup.poll_db_heartbeats(second) == second + 7
     assert sup.accounts[ids[0]].last_heartbeat == second + 7
     assert await sup.poll_db_heartbeats(second + 7) == second + 7  # nothing newer: unchanged
+
+
+def test_a_packed_heartbeat_page_is_taken_only_when_it_holds_exactly_its_rows() -> None:
+    assert unpack_heartbeats(0, None) == []
+    assert unpack_heartbeats(2, "a 1800000000,b c 1800000001.5") == [
+        ("a", 1_800_000_000.0),
+        ("b c", 1_800_000_001.5),  # an id holding a space: the time is split off the end
+    ]
+    assert unpack_heartbeats(1, "a,b 1800000000") is None  # an id holding a comma
+    assert unpack_heartbeats(3, "a 1800000000,b 18") is None  # cut at group_concat_max_len
+
+
+async def test_heartbeat_poll_pages_hold_odd_ids_and_survive_a_short_concat_limit(
+    dbs: Databases,
+) -> None:
+    """Ids with the packed page's separators in them, and (MySQL) a page longer than the
+    session's ``group_concat_max_len``: every row is read once, in keyset order."""
+    # Mixed case too: the keyset must follow the database's collation, not Python's order.
+    odd = ["a,b", "c d", "e, f", "B", "b2", *(f"{k:03d}-{uuid.uuid4().hex[:24]}" for k in range(9))]
+    a = wework_accounts
+    async with dbs.platform.begin() as conn:
+        await conn.execute(
+            insert(a),
+            [
+                {
+                    "id": i,
+                    "tenant_id": "t1",
+                    "account_name": f"acc-{k}",
+                    "wework_guid": f"guid-{k}",
+                    "status": "online",
+                    "last_heartbeat_at": to_db_time(T0 + k % 4),
+                }
+                for k, i in enumerate(odd)
+            ],
+        )
+    want = sorted(((T0 + k % 4, i) for k, i in enumerate(odd)))
+
+    async def read_all(engine: Any) -> list[tuple[float, str]]:
+        seen: list[tuple[float, str]] = []
+        mark, after = to_db_time(T0 - 1), ""
+        while True:
+            assert mark is not None
+            page = await heartbeats_after(engine, mark, after, 4)
+            seen += [(ts, i) for i, ts in page]
+            if len(page) < 4:
+                return seen
+            after, newest = page[-1]
+            mark = to_db_time(newest)
+
+    got = await read_all(dbs.platform)
+    assert sorted(got) == want and len(got) == len(want)
+    assert [ts for ts, _ in got] == sorted(ts for ts, _ in got)
+    if dbs.dialect("platform") == "mysql":
+        short = make_engine(dbs.platform.url)
+
+        @event.listens_for(short.sync_engine, "connect")
+        def _limit(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("SET SESSION group_concat_max_len = 60")  # about one row of a page
+            cur.close()
+
+        try:
+            assert sorted(await read_all(short)) == want
+        finally:
+            await short.dispose()
 
 
 # ---------------------------------------------------------------- fair ingest

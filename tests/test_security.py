@@ -187,6 +187,10 @@ SQL_ALLOWED: dict[tuple[str, str], str] = {
     ("accountd/adapters/batch_sql.py", "update_status"): "placeholders and fixed column names; "
     "every value goes through Binds (bound parameters)",
     ("accountd/adapters/batch_sql.py", "insert_logs"): "same: LOG_COLUMNS plus placeholders",
+    ("accountd/adapters/batch_sql.py", "update_heartbeats"): "same: one fixed column plus "
+    "placeholders",
+    ("accountd/adapters/repository.py", "AccountRepository.write_heartbeats"): "runs "
+    "batch_sql.update_heartbeats with its Binds parameters",
     ("accountd/adapters/batch_sql.py", "upsert_supervision"): "same: SUPERVISION_COLUMNS",
     ("accountd/adapters/repository.py", "AccountRepository._update_statuses"): "runs the "
     "batch_sql text with its bound parameters",
@@ -197,8 +201,10 @@ SQL_ALLOWED: dict[tuple[str, str], str] = {
     ("accountd/adapters/loader.py", "iter_loaded"): "runs load_statement with bound parameters",
     ("accountd/adapters/loader.py", "heartbeats_statement"): "the paged heartbeat read: fixed "
     "column names and a per-dialect timestamp expression; cursor, since and limit are bound",
-    ("accountd/adapters/loader.py", "heartbeats_after"): "runs heartbeats_statement with bound "
-    "parameters",
+    ("accountd/adapters/loader.py", "heartbeats_packed_statement"): "the same page packed "
+    "into one row: fixed column names and functions; cursor, since and limit are bound",
+    ("accountd/adapters/loader.py", "heartbeats_after"): "runs heartbeats_statement or "
+    "heartbeats_packed_statement with bound parameters",
     ("accountd/adapters/partitions.py", "_ranges"): "DDL: MySQL cannot bind partition names or "
     "bounds; names come from partition_name(), bounds are integers we compute",
     ("accountd/adapters/partitions.py", "partition_by_sql"): "DDL: table and column from our "

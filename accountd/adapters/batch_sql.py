@@ -111,6 +111,16 @@ def update_status(
     return f"UPDATE wework_accounts SET {sets} WHERE status = {b(expected)} AND id IN ({in_list})"  # noqa: S608
 
 
+def update_heartbeats(b: Binds, ids: Sequence[str], when: str) -> str:
+    """One flush statement: ``last_heartbeat_at = when`` for ``ids``, never moved back."""
+    at = b(when)
+    in_list = ", ".join([b(i) for i in ids])
+    return (
+        f"UPDATE wework_accounts SET last_heartbeat_at = {at} "  # noqa: S608
+        f"WHERE id IN ({in_list}) AND (last_heartbeat_at IS NULL OR last_heartbeat_at < {at})"
+    )
+
+
 def insert_logs(b: Binds, rows: Iterable[Sequence[Any]]) -> str:
     """One multi-row INSERT of account_status_logs rows (values in `LOG_COLUMNS` order)."""
     values = ", ".join([b.row(r) for r in rows])
@@ -164,6 +174,7 @@ __all__ = [
     "insert_logs",
     "sql_time",
     "supervision_values",
+    "update_heartbeats",
     "update_status",
     "upsert_supervision",
 ]

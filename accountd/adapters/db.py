@@ -83,9 +83,12 @@ def make_engine(
         return engine
     if backend == "mysql":
         connect_args: dict[str, Any] = {
-            # UTC for TIMESTAMP conversion; strict mode so a bad ENUM value is an error, not ''.
+            # UTC for TIMESTAMP conversion; strict mode so a bad ENUM value is an error, not '';
+            # room for the heartbeat poll's packed page (loader.heartbeats_packed_statement:
+            # ~60 bytes a row; MySQL's default is 1 KiB, MariaDB's 1 MiB).
             "init_command": (
-                "SET time_zone = '+00:00', sql_mode = CONCAT(@@sql_mode, ',STRICT_TRANS_TABLES')"
+                "SET time_zone = '+00:00', sql_mode = CONCAT(@@sql_mode, ',STRICT_TRANS_TABLES'), "
+                "group_concat_max_len = 4194304"
             ),
             "connect_timeout": pool.connect_timeout,
             "charset": "utf8mb4",
