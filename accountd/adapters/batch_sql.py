@@ -20,7 +20,7 @@ SQLAlchemy's SQLite ``DateTime`` stores and MySQL accepts), JSON as a string, bo
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 # Columns of wework_accounts an `update_status` may set besides the status (BRIEF §3).
@@ -66,12 +66,14 @@ class Binds:
         # aiomysql interpolates ``%(name)s`` (pyformat); sqlite3 binds ``:name``.
         self._open, self._close = ("%(", ")s") if dialect == "mysql" else (":", "")
         self.params: dict[str, Any] = {}
-        # Keyed by (type, value): True == 1 == 1.0 would otherwise share a parameter.
-        self._marks: dict[tuple[type, Any], str] = {}
+        # Numbers are keyed by (type, value): True == 1 == 1.0 would otherwise share a
+        # parameter. A string (most values) is its own key: it equals no number and no tuple,
+        # and the key tuple per value was a visible share of a batch's CPU.
+        self._marks: dict[Any, str] = {}
 
     def __call__(self, value: Any) -> str:
         """The placeholder for ``value`` (hashable: str, int, float, bool or None)."""
-        key = (value.__class__, value)
+        key = value if value.__class__ is str else (value.__class__, value)
         mark = self._marks.get(key)
         if mark is None:
             name = f"p{len(self.params)}"
@@ -85,7 +87,7 @@ class Binds:
         marks, params = self._marks, self.params
         out = []
         for value in values:
-            key = (value.__class__, value)
+            key = value if value.__class__ is str else (value.__class__, value)
             mark = marks.get(key)
             if mark is None:
                 name = f"p{len(params)}"
@@ -144,27 +146,6 @@ def upsert_supervision(
     return f"{sql} ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in rest)
 
 
-def supervision_values(row: Mapping[str, Any], dumps: Any) -> tuple[Any, ...]:
-    """A complete supervision row (see the repository) in `SUPERVISION_COLUMNS` order."""
-    history = row["offline_history"]
-    return (
-        row["account_id"],
-        row["status"],
-        sql_time(row["entered_at"]),
-        row["attempts"],
-        row["qr_refreshes"],
-        row["next_action"],
-        sql_time(row["next_action_at"]),
-        sql_time(row["online_since"]),
-        "[]" if not history else dumps(list(history)),
-        row["paused"],
-        row["paused_reason"],
-        row["last_log_id"],
-        row["epoch"],
-        sql_time(row["updated_at"]),
-    )
-
-
 __all__ = [
     "LOG_COLUMNS",
     "SETTABLE_WITH_STATUS",
@@ -173,7 +154,6 @@ __all__ = [
     "Binds",
     "insert_logs",
     "sql_time",
-    "supervision_values",
     "update_heartbeats",
     "update_status",
     "upsert_supervision",

@@ -407,34 +407,51 @@ class AccountRepository:
         if not requests:
             return
         now = utcnow()
+        updated_at = batch_sql.sql_time(now)
+        # A mass event writes the same few times and histories for hundreds of accounts: each
+        # distinct one is rendered once per call (sql_time, json.dumps), not once per row.
+        times: dict[dt.datetime, str | None] = {}
+        histories: dict[tuple[float, ...], str] = {(): "[]"}
+
+        def when(value: dt.datetime | None) -> str | None:
+            if value is None:
+                return None
+            text = times.get(value)
+            if text is None:
+                text = times[value] = batch_sql.sql_time(value)
+            return text
+
         rows = []
         for r in requests:
             assert r.supervision is not None
-            sup = r.supervision
-            get = sup.get
+            get = r.supervision.get
+            history = tuple(get("offline_history") or ())
+            dumped = histories.get(history)
+            if dumped is None:
+                dumped = histories[history] = json.dumps(list(history))
+            # `batch_sql.SUPERVISION_COLUMNS` order.
             rows.append(
-                {
-                    "account_id": r.account_id,
-                    "status": r.new_status,
-                    "entered_at": get("entered_at") or now,
-                    "attempts": get("attempts") or 0,
-                    "qr_refreshes": get("qr_refreshes") or 0,
-                    "next_action": get("next_action"),
-                    "next_action_at": get("next_action_at"),
-                    "online_since": get("online_since"),
-                    "offline_history": get("offline_history") or (),
-                    "paused": bool(get("paused")),
-                    "paused_reason": get("paused_reason"),
-                    "last_log_id": r.log_id,
-                    "epoch": get("epoch") or 0,
-                    "updated_at": now,
-                }
+                (
+                    r.account_id,
+                    r.new_status,
+                    when(get("entered_at") or now),
+                    get("attempts") or 0,
+                    get("qr_refreshes") or 0,
+                    get("next_action"),
+                    when(get("next_action_at")),
+                    when(get("online_since")),
+                    dumped,
+                    bool(get("paused")),
+                    get("paused_reason"),
+                    r.log_id,
+                    get("epoch") or 0,
+                    updated_at,
+                )
             )
         alias = bool(getattr(self.engine.dialect, "_requires_alias_for_on_duplicate_key", False))
         for chunk in _chunks(rows, self.chunk):
             b = Binds(self.dialect)
-            values = (batch_sql.supervision_values(row, json.dumps) for row in chunk)
-            sql = batch_sql.upsert_supervision(b, values, self.dialect, mysql_alias=alias)
+            sql = batch_sql.upsert_supervision(b, chunk, self.dialect, mysql_alias=alias)
             await conn.exec_driver_sql(sql, b.params)
 
     async def upsert_supervision_rows(
