@@ -11,6 +11,8 @@ line with what it did. Modes:
   heartbeat is the same instant, so they all go stale together.
 - ``stagger``: bring the accounts online, then beat every ``--tick`` seconds, dropping accounts
   one after another over ``--window`` seconds: staggered last heartbeats.
+- ``drop``: the same for accounts that are online already (``bench.scale``), after ``go``;
+  prints when each account's last heartbeat was sent.
 
 The ``at`` field of a heartbeat is when the worker saw the session alive; the daemon judges
 staleness by its own clock, so bodies may be encoded once and sent many times.
@@ -135,20 +137,44 @@ async def stagger(p: Poster, ids: list[str], args: argparse.Namespace) -> dict[s
     return {"online": online, "beats": beats, "seconds": time.perf_counter() - start}
 
 
+async def drop(p: Poster, ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Accounts already online (`bench.scale`): print ``ready``, wait for ``go``, then beat
+    every ``--tick`` seconds, dropping accounts one after another over ``--window`` seconds.
+    Reports when each account's last heartbeat was sent (wall clock): the daemon received it
+    a little later, so a delay measured from here is, if anything, too long."""
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    start = time.perf_counter()
+    step = args.window / len(ids)
+    last_sent: dict[str, float] = {}
+    beats = 0
+    while True:
+        alive = ids[int((time.perf_counter() - start) / step) :]
+        if not alive:
+            break
+        for c in chunks(alive, args.batch):
+            sent_at = time.time()
+            reply = await p.post("/v1/heartbeats", heartbeat_body(c))
+            beats += int(reply["applied"])
+            last_sent.update(dict.fromkeys(c, sent_at))
+        await asyncio.sleep(args.tick)
+    return {"beats": beats, "seconds": time.perf_counter() - start, "last_sent": last_sent}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ids = Path(args.ids).read_text().split()
     connector = aiohttp.TCPConnector(limit=args.concurrency + 2)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         p = Poster(session, args.url, args.token)
-        mode = {"flood": flood, "mass": mass, "stagger": stagger}[args.mode]
+        mode = {"flood": flood, "mass": mass, "stagger": stagger, "drop": drop}[args.mode]
         result = await mode(p, ids, args)
         return {**result, "requests": p.requests, "errors": p.errors}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.client")
-    parser.add_argument("mode", choices=("flood", "mass", "stagger"))
+    parser.add_argument("mode", choices=("flood", "mass", "stagger", "drop"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--ids", required=True, help="file with one account id per line")

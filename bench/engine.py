@@ -350,7 +350,8 @@ async def phase_mass(
     # stagger starts while the mass is still sending its last beats, so its first accounts may
     # stop in the very instant the mass does: the daemon sees one mass event then (same
     # `MASS_SLICE`) and decides them with it. Those are reported apart, not as "others".
-    others, with_mass = [], []
+    others: list[float] = []
+    with_mass: list[float] = []
     lo, hi = min(beats) - MASS_SLICE, max(beats) + MASS_SLICE
     for i in during:
         committed, last = seen.lost[i]
