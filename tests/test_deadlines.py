@@ -1,10 +1,11 @@
-"""The deadline heap, the runner that fires it, and the fake clock both are tested with."""
+"""The deadline queue, the runner that fires it, and the fake clock both are tested with."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -89,6 +90,56 @@ def test_stale_entries_are_compacted_when_they_dominate() -> None:
     # Only the latest deadline of each account fires.
     due = q.pop_due(T0 + 10**9, limit=10**6)
     assert len(due) == n and len({a for a, _ in due}) == n
+
+
+def test_a_deadline_earlier_than_the_sorted_head_still_comes_first() -> None:
+    q = DeadlineQueue()
+    for i in range(1000):
+        q.set(f"late{i}", T0 + 30 + i * 0.001, "heartbeat")  # one bucket, sorted on demand
+    assert q.next_due() == T0 + 30  # that bucket is now the head
+    q.set("now", T0, "recover")  # before the head's slice: its own small heap
+    q.set("same-slice", T0 + 30.0005, "timeout")
+    q.set("late5", T0 + 29, "timeout")  # replaces an entry held in the head
+    assert q.next_due() == T0
+    due = q.pop_due(T0 + 30.002, limit=5)
+    assert due == [
+        ("now", "recover"),
+        ("late5", "timeout"),
+        ("late0", "heartbeat"),
+        ("same-slice", "timeout"),
+        ("late1", "heartbeat"),
+    ]
+    assert len(q) == 997
+
+
+def test_the_calendar_agrees_with_a_sorted_list_under_random_use() -> None:
+    """Sets, re-sets, cancels, pops with limits and next_due across bucket boundaries, against
+    the obvious model: every live deadline, sorted by (when, order set)."""
+    rng = random.Random(7)
+    q = DeadlineQueue()
+    model: dict[str, tuple[float, int, str]] = {}
+    seq = 0
+    now = T0
+    for _ in range(20_000):
+        op = rng.random()
+        account = f"a{rng.randrange(300)}"
+        if op < 0.55:
+            when = now + rng.choice([-1.0, 0.0, 0.01, 0.049, 0.05, 0.3, 2.0, 30.0]) * rng.random()
+            q.set(account, when, f"k{seq % 3}")
+            model[account] = (when, seq, f"k{seq % 3}")
+            seq += 1
+        elif op < 0.65:
+            assert q.cancel(account) == (model.pop(account, None) is not None)
+        elif op < 0.9:
+            now += rng.random() * 0.2
+            limit = rng.choice([1, 3, 10, 1000])
+            want = sorted((w, n, a, k) for a, (w, n, k) in model.items() if w <= now)[:limit]
+            assert q.pop_due(now, limit) == [(a, k) for _, _, a, k in want]
+            for _, _, a, _ in want:
+                del model[a]
+        else:
+            assert q.next_due() == min((w for w, _, _ in model.values()), default=None)
+        assert len(q) == len(model)
 
 
 def test_nan_deadline_is_rejected() -> None:

@@ -1,16 +1,28 @@
-"""Every account's next deadline in one heap, and the one task that fires them.
+"""Every account's next deadline in one queue, and the one task that fires them.
 
 Instead of a timer per account (what ``transitions``' ``Timeout`` states would do), each account
 has at most one pending deadline: a state deadline (``timeout``), the heartbeat check, or the
-next action of the recovery policy. They all live in ONE binary heap of
-``(when, seq, account_id, kind)``. Replacing or cancelling a deadline does not search the heap:
-a dict maps each account to its *current* entry and any other entry for that account is stale
-and skipped when it reaches the top (lazy invalidation). So:
+next action of the recovery policy. They all live in ONE queue of ``(when, seq, account_id,
+kind)`` entries. Replacing or cancelling a deadline does not search the queue: a dict maps each
+account to its *current* entry, and any other entry for that account is stale and skipped when
+its time comes (lazy invalidation).
 
-* ``set``/``cancel``: O(log n) / O(1); ``pop_due``: O(k log n) for the k entries that are due
-  (plus the stale ones that surface), independent of how many accounts are waiting;
-* stale entries are compacted away (one O(n) ``heapify``) once they outnumber the live ones, which
+The queue is a *calendar*: entries are appended, unsorted, to the bucket of their
+`RESOLUTION`-long slice of time, and a small heap holds the keys of the buckets. Only the
+earliest bucket (the head) is sorted, when its time comes, and consumed in order; a deadline set
+at or before the head's slice goes to a small heap of its own, merged as the head is consumed.
+So:
+
+* ``set``: O(1) (a dict lookup and an append), ``cancel``: O(1);
+* ``pop_due``: O(k) for the k entries that are due plus one sort per bucket, independent of how
+  many accounts are waiting;
+* stale entries are compacted away (one O(n) rebuild) once they outnumber the live ones, which
   amortises to O(1) per ``set``.
+
+It was a binary heap until a million accounts: with every online account's heartbeat check
+coming due about once per timeout, the heap popped and pushed ~25,000 entries a second, each
+``heappop`` some forty tuple comparisons across a 1M-entry list that no cache holds. py-spy put
+a fifth of the event loop in that one line (docs/benchmarks.md).
 
 Heartbeat checks should not be re-armed on every heartbeat (that would be 100k pushes per 15 s);
 arm one at ``entered_at + heartbeat_timeout`` and, when it fires, re-arm it at
@@ -37,8 +49,10 @@ _log = logging.getLogger(__name__)
 # from ever reaching the strings.
 _Entry = tuple[float, int, str, str]
 
-# Below this many heap entries compaction is not worth a thought.
+# Below this many entries compaction is not worth a thought.
 _COMPACT_MIN = 1024
+# The head's key while there is no head: every bucket comes after it.
+_NO_KEY = -(2**62)
 
 OnDue = Callable[[list[tuple[str, str]]], Awaitable[None]]
 
@@ -46,13 +60,28 @@ OnDue = Callable[[list[tuple[str, str]]], Awaitable[None]]
 class DeadlineQueue:
     """At most one pending deadline per account, ordered by time. Not thread-safe."""
 
+    # Seconds of time per bucket. Small enough that the head bucket, sorted when its time
+    # comes, holds a few thousand entries at a million accounts; it does not round deadlines.
+    RESOLUTION = 0.05
+
     def __init__(self) -> None:
-        self._heap: list[_Entry] = []
         self._live: dict[str, _Entry] = {}
+        self._buckets: dict[int, list[_Entry]] = {}
+        self._keys: list[int] = []  # heap of the keys of `_buckets`
+        # The earliest bucket, sorted, consumed from `_pos`; every bucket's key is greater
+        # than `_head_key`.
+        self._head: list[_Entry] = []
+        self._head_key = _NO_KEY
+        self._pos = 0
+        # Entries set at or before the head's slice (a retry due now, say), in a heap of
+        # their own: inserting them into a head of a million (after a restart every check
+        # comes due at the end of the grace) would move the whole list each time.
+        self._early: list[_Entry] = []
+        self._size = 0  # entries held, stale ones included
         self._seq = itertools.count()
-        #: Entries removed from the heap so far (live or stale): a cost counter for tests/metrics.
+        #: Entries taken off the queue so far (live or stale): a cost counter for tests/metrics.
         self.heap_pops = 0
-        #: How many times the heap was rebuilt without its stale entries.
+        #: How many times the queue was rebuilt without its stale entries.
         self.compactions = 0
 
     def __len__(self) -> int:
@@ -73,15 +102,62 @@ class DeadlineQueue:
             raise ValueError(f"deadline for {account_id!r} is NaN")
         entry: _Entry = (when, next(self._seq), account_id, kind)
         self._live[account_id] = entry
-        heapq.heappush(self._heap, entry)
-        self._maybe_compact()
+        self._put(entry)
+        if self._size > 2 * len(self._live) and self._size > _COMPACT_MIN:
+            self._compact()
+
+    def _put(self, entry: _Entry) -> None:
+        self._size += 1
+        key = int(entry[0] // self.RESOLUTION)
+        if key <= self._head_key:
+            heapq.heappush(self._early, entry)
+            return
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [entry]
+            heapq.heappush(self._keys, key)
+        else:
+            bucket.append(entry)
 
     def cancel(self, account_id: str) -> bool:
         """Drop the pending deadline of ``account_id``; False when there was none."""
         if self._live.pop(account_id, None) is None:
             return False
-        self._maybe_compact()
+        if self._size > 2 * len(self._live) and self._size > _COMPACT_MIN:
+            self._compact()
         return True
+
+    def _next_head(self) -> bool:
+        """Make the earliest bucket the head (sorted); False when there is none."""
+        if not self._keys:
+            return False
+        self._head_key = heapq.heappop(self._keys)
+        self._head = self._buckets.pop(self._head_key)
+        # (when, seq, …): seq is unique, so the strings are never compared. Entries arrive
+        # mostly in order (a burst set at one instant is already sorted), which timsort
+        # takes in one pass.
+        self._head.sort()
+        self._pos = 0
+        return True
+
+    def _first(self) -> _Entry | None:
+        """The earliest entry held (live or stale), without taking it."""
+        head, early = self._head, self._early
+        while self._pos == len(head):
+            if not self._next_head():
+                return early[0] if early else None
+            head = self._head
+        entry = head[self._pos]
+        return early[0] if early and early[0] < entry else entry
+
+    def _drop_first(self, entry: _Entry) -> None:
+        """Take `entry`, which `_first` just returned, off the queue."""
+        if self._early and self._early[0] is entry:
+            heapq.heappop(self._early)
+        else:
+            self._pos += 1
+        self._size -= 1
+        self.heap_pops += 1
 
     def pop_due(self, now: float, limit: int = 1000) -> list[tuple[str, str]]:
         """Remove and return up to ``limit`` ``(account_id, kind)`` due at or before ``now``.
@@ -89,10 +165,17 @@ class DeadlineQueue:
         Earliest first; ties in the order they were set.
         """
         out: list[tuple[str, str]] = []
-        heap, live = self._heap, self._live
-        while heap and len(out) < limit and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            self.heap_pops += 1
+        live = self._live
+        while len(out) < limit:
+            # A head whose slice begins after `now` is not sorted before its time comes.
+            if self._pos == len(self._head) and not (
+                self._early or (self._keys and self._keys[0] * self.RESOLUTION <= now)
+            ):
+                break
+            entry = self._first()
+            if entry is None or entry[0] > now:
+                break
+            self._drop_first(entry)
             account_id = entry[2]
             if live.get(account_id) is entry:
                 del live[account_id]
@@ -101,23 +184,27 @@ class DeadlineQueue:
 
     def next_due(self) -> float | None:
         """When the earliest live deadline is due, or None when nothing is pending."""
-        heap, live = self._heap, self._live
-        # Discard stale heads so the answer is the earliest *live* deadline.
-        while heap and live.get(heap[0][2]) is not heap[0]:
-            heapq.heappop(heap)
-            self.heap_pops += 1
-        return heap[0][0] if heap else None
+        live = self._live
+        while (entry := self._first()) is not None:
+            if live.get(entry[2]) is entry:
+                return entry[0]
+            self._drop_first(entry)  # stale: the answer is the earliest *live* deadline
+        return None
 
-    def _maybe_compact(self) -> None:
-        if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * len(self._live):
-            self._heap = list(self._live.values())
-            heapq.heapify(self._heap)
-            self.compactions += 1
+    def _compact(self) -> None:
+        """Rebuild from the live entries alone, once stale ones outnumber them."""
+        entries = list(self._live.values())
+        self._buckets, self._keys, self._early = {}, [], []
+        self._head, self._pos, self._head_key = [], 0, _NO_KEY
+        self._size = 0
+        for entry in entries:
+            self._put(entry)
+        self.compactions += 1
 
     @property
     def heap_size(self) -> int:
-        """Entries in the heap, stale ones included (for tests and metrics)."""
-        return len(self._heap)
+        """Entries held, stale ones included (for tests and metrics)."""
+        return self._size
 
 
 class DeadlineRunner:
