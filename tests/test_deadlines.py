@@ -242,6 +242,31 @@ async def test_runner_wakes_early_when_an_earlier_deadline_is_set(
     assert rec.calls[-1] == (T0 + 100, [("late", "timeout")])
 
 
+async def test_deadlines_set_from_inside_on_due_fire_without_a_wake_up(clock: FakeClock) -> None:
+    """`on_due` re-arms (the heartbeat checks do, ~25,000 a second at a million accounts): the
+    runner does not need waking for those, it looks at the queue again after the batch."""
+    r: DeadlineRunner
+    fired: list[tuple[float, Due]] = []
+
+    async def on_due(due: Due) -> None:
+        fired.append((clock.now(), due))
+        if due == [("a", "timeout")]:
+            r.set("again", clock.now(), "heartbeat")  # due at once
+            r.set("later", clock.now() + 3, "heartbeat")
+
+    r = DeadlineRunner(DeadlineQueue(), on_due, clock=clock)
+    await r.start()
+    try:
+        r.set("a", T0 + 10, "timeout")
+        await clock.advance(10)
+        assert fired == [(T0 + 10, [("a", "timeout")]), (T0 + 10, [("again", "heartbeat")])]
+        assert clock.next_wake() == T0 + 13
+        await clock.advance(3)
+        assert fired[-1] == (T0 + 13, [("later", "heartbeat")])
+    finally:
+        await r.stop(grace=1.0)
+
+
 async def test_runner_does_not_fire_cancelled_or_replaced_deadlines(
     runner: tuple[DeadlineRunner, Recorder], clock: FakeClock
 ) -> None:
