@@ -26,8 +26,11 @@ One run, in order (figures in brackets):
    (``accountd_heartbeats_received_total``) [ingest/s] and rows the flush wrote
    (``accountd_heartbeats_persisted_total``) [DB writes/s, against the bound accounts /
    ``persist_interval``]; GC pauses (``accountd_gc_pause_seconds``) [longest full collection];
-6. SIGTERM, and the time the daemon takes to drain and exit;
-7. the raw ceilings (`bench.ceilings.measure`) on the SAME databases, now holding N rows, with
+6. detection (`Run._detection`; ``--mass 0`` skips it): ``--others`` accounts stop beating
+   one after another [staleness], then ``--mass`` accounts at once while ``--others`` more
+   drop [mass event, against the grouped ceiling; the other accounts' delays meanwhile];
+7. SIGTERM, and the time the daemon takes to drain and exit;
+8. the raw ceilings (`bench.ceilings.measure`) on the SAME databases, now holding N rows, with
    the daemon gone: batched ``last_heartbeat_at`` UPDATE rows/s, grouped compare-and-set
    transitions/s, single-transaction commit latency.
 
@@ -663,8 +666,9 @@ class Watch:
         self.accounts = accounts
         self.seen: dict[str, float] = {}  # id → when first seen gone
         # (when, accounts gone by the gauge, how many ids were seen gone by the query right
-        # after it: an id committed before the scrape is in both, so the difference errs
-        # high, never low)
+        # after it). An id committed before the scrape is in both; one committed between the
+        # two only in the second: the difference errs low, so the mass is seen done late,
+        # never early.
         self.gauge: list[tuple[float, float, int]] = []
         self._stop = asyncio.Event()
         self._query = text(
@@ -859,7 +863,8 @@ def detection_line(r: Mapping[str, Any]) -> str:
         f"deadline; last beats sent over {ms['last_beat_spread_s'] * 1000:.0f} ms; "
         f"{ms['with_mass']['n']:,} of set B stopped with the mass (one mass event to the "
         f"daemon, not counted as others; their max {ms['with_mass']['max']:.2f} s); commits "
-        f"seen every {d['poll_interval_s']:g} s\n"
+        f"seen every {d['poll_interval_s']:g} s; accounts gone at the end "
+        f"{d['gone_at_end']:,.0f} of {d['gone_expected']:,}\n"
     )
 
 
