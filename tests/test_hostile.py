@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import http.client
 import io
 import json
@@ -130,6 +131,25 @@ async def park_accounts(dbs: Databases) -> list[str]:
                 for account_id, state in zip(ids, PARKED, strict=True)
             ],
         )
+        # The offline account's recovery an hour away, for certain: adopted without this row
+        # it would get a fresh full-jitter backoff, uniform over [0, recovery.base], and now
+        # and then fire during a test (seen once: offline → recovering in a snapshot).
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        await conn.execute(
+            insert(accountd_supervision).values(
+                account_id=ids[PARKED.index("offline")],
+                status="offline",
+                entered_at=now,
+                attempts=1,
+                qr_refreshes=0,
+                next_action="recover",
+                next_action_at=now + dt.timedelta(hours=1),
+                offline_history=[],
+                paused=False,
+                epoch=0,
+                updated_at=now,
+            )
+        )
     return ids
 
 
@@ -150,6 +170,9 @@ async def rig(migrated_urls: dict[str, str], tmp_path: Path, sock_dir: Path) -> 
     daemon = Daemon(parked_settings(tmp_path, sock, migrated_urls))
     task = await start(daemon)
     try:
+        assert daemon.supervisor is not None
+        offline = daemon.supervisor.accounts[ids[PARKED.index("offline")]]
+        assert (offline.next_action_at or 0.0) > time.time() + 3000  # restored, not re-drawn
         yield Rig(daemon, dbs, ids, f"http://127.0.0.1:{daemon.ingest_port}", sock, tmp_path)
     finally:
         daemon.request_stop()
