@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import bindparam, create_engine, make_url, text
+from sqlalchemy import Engine, bindparam, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from accountd.ctl import Client as CtlClient
@@ -209,6 +209,14 @@ RAW_READS = (
 )
 
 
+def sync_engine(url: str) -> Engine:
+    """The synchronous driver on the same database, autocommit, no pool: the bench's own view
+    from outside the daemon, run in threads."""
+    u = make_url(url)
+    sync = u.set(drivername="mysql+pymysql" if u.get_backend_name() == "mysql" else "sqlite")
+    return create_engine(sync, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+
 class RawReads:
     """The ceiling beside ``show``: the three reads it makes (the account row and its
     supervision row by primary key, the last 20 log rows), as plain SQL on one open
@@ -216,9 +224,7 @@ class RawReads:
     the database alone answers under the same load, with no daemon in between."""
 
     def __init__(self, url: str) -> None:
-        u = make_url(url)
-        sync = u.set(drivername="mysql+pymysql" if u.get_backend_name() == "mysql" else "sqlite")
-        self.engine = create_engine(sync, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        self.engine = sync_engine(url)
         self.conn = self.engine.connect()
 
     def read(self, account_id: str) -> None:
@@ -659,9 +665,7 @@ class Watch:
     INTERVAL = 0.1
 
     def __init__(self, url: str, ids: Sequence[str], accounts: int) -> None:
-        u = make_url(url)
-        sync = u.set(drivername="mysql+pymysql" if u.get_backend_name() == "mysql" else "sqlite")
-        self.engine = create_engine(sync, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        self.engine = sync_engine(url)
         self.pending = set(ids)
         self.accounts = accounts
         self.seen: dict[str, float] = {}  # id → when first seen gone
