@@ -23,7 +23,7 @@ from tests.conftest import sqlite_urls
 from tests.seed_sql import parse_seed
 
 SEED = parse_seed()
-HEADS = {"core": "core_0001", "platform": "platform_0001", "analytics": "analytics_0001"}
+HEADS = {"core": "core_0001", "platform": "platform_0002", "analytics": "analytics_0001"}
 
 
 def _objects(conn: Connection) -> set[str]:
@@ -181,3 +181,32 @@ async def test_partitioned_tables_start_at_the_current_utc_period(
         assert want[0].start <= today < want[0].end
         assert len(want) == (3 if spec.period == "month" else 2)
         assert expression == f"unix_timestamp(`{spec.column}`)"
+
+
+async def _supervision_indexes(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(
+                lambda c: {
+                    str(i["name"]) for i in sa.inspect(c).get_indexes("accountd_supervision")
+                }
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_platform_0002_drops_the_unread_supervision_index_and_0001_has_it(
+    db_urls: dict[str, str],
+) -> None:
+    """The fresh path (0001 then 0002) and the way back (0002 → 0001) agree on the schema."""
+    scoped = "accountd_supervision__idx_supervision_next_action_at"
+    name = scoped if db_urls["platform"].startswith("sqlite") else "idx_supervision_next_action_at"
+    await migrate.upgrade(db_urls, "platform_0001")
+    assert await _supervision_indexes(db_urls["platform"]) == {name}
+    await migrate.upgrade(db_urls)
+    assert await _supervision_indexes(db_urls["platform"]) == set()
+    await migrate.downgrade(db_urls, "platform_0001")
+    assert await _supervision_indexes(db_urls["platform"]) == {name}
+    await migrate.upgrade(db_urls)
+    assert await _supervision_indexes(db_urls["platform"]) == set()

@@ -15,6 +15,7 @@ bare id given to ``accountd db downgrade`` names one database unambiguously.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 
@@ -30,7 +31,9 @@ def create_initial(database: str) -> None:
     is right only while that MetaData *is* the first revision: before the first schema change
     lands, the initial revisions must be frozen (``create_all`` replaced by the equivalent
     ``op.create_table`` calls), or a fresh database would get the new columns here and then
-    fail in the revision that adds them.
+    fail in the revision that adds them. What a later revision removes is put back by the
+    first revision's own ``upgrade`` (platform_0001 creates `supervision_next_action_at_index`
+    for platform_0002 to drop), so both paths end in the same schema.
     """
     from datetime import UTC, datetime
 
@@ -54,6 +57,26 @@ def create_initial(database: str) -> None:
         for spec in partitioned_tables(database):
             op.execute(partition_by_sql(spec, initial_partitions(spec, today)))
     # SQLite: the updated_at triggers come with CREATE TABLE (DDL events on the tables).
+
+
+def supervision_next_action_at_index() -> Any:
+    """``idx_supervision_next_action_at``: created by platform_0001, dropped by platform_0002.
+
+    No query ever read it (the daemon rebuilds its deadline queue in memory from a load keyed
+    by account id), yet every status change rewrote it: ``next_action_at`` changes with almost
+    every transition, so each supervision upsert also deleted and inserted an entry of this
+    index. On MariaDB that was 40 % of the upsert's server time (docs/benchmarks.md). Both
+    revisions build it here, on a stand-in of the table holding just its column, so SQLite
+    names it as `create_initial` used to (``<table>__<name>``, see
+    `accountd.adapters.schema.types.index`).
+    """
+    import sqlalchemy as sa
+
+    from accountd.adapters.schema.types import DATETIME6, index
+
+    idx = index("idx_supervision_next_action_at", "next_action_at")
+    sa.Table("accountd_supervision", sa.MetaData(), sa.Column("next_action_at", DATETIME6), idx)
+    return idx
 
 
 def drop_initial(database: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from accountd.adapters.schema.platform import PLATFORM
-from accountd.adapters.schema.types import DATETIME6, FALSE, MYSQL_TABLE_OPTIONS, default, index
+from accountd.adapters.schema.types import DATETIME6, FALSE, MYSQL_TABLE_OPTIONS, default
 
 accountd_supervision = sa.Table(
     "accountd_supervision",
@@ -81,7 +81,6 @@ accountd_supervision = sa.Table(
         comment="fencing epoch of the writer",
     ),
     sa.Column("updated_at", DATETIME6, nullable=False, comment="last write of this row (UTC)"),
-    index("idx_supervision_next_action_at", "next_action_at"),
     comment="accountd: supervision state of each account, survives restarts",
     **MYSQL_TABLE_OPTIONS,
 )

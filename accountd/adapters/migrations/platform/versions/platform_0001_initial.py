@@ -13,7 +13,13 @@ read its docstring before the first schema change: this revision must be frozen 
 
 from __future__ import annotations
 
-from accountd.adapters.migrations import create_initial, drop_initial
+from alembic import op
+
+from accountd.adapters.migrations import (
+    create_initial,
+    drop_initial,
+    supervision_next_action_at_index,
+)
 
 revision = "platform_0001"
 down_revision: str | None = None
@@ -23,6 +29,9 @@ depends_on: str | None = None
 
 def upgrade() -> None:
     create_initial("platform")
+    # Part of this revision's schema, though no longer of the MetaData that `create_initial`
+    # builds from: platform_0002 drops it.
+    supervision_next_action_at_index().create(op.get_bind())
 
 
 def downgrade() -> None:
