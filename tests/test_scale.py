@@ -236,6 +236,40 @@ async def test_heartbeats_are_queued_once_per_persist_interval_and_flushed_in_sl
     assert sup.heartbeats_persisted == 15
 
 
+async def test_the_flush_gives_way_to_a_mass_event_for_at_most_one_persist_interval(
+    dbs: Databases,
+    online_sup: tuple[Supervisor, list[str], FakeClock],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sup, ids, clock = online_sup
+    sup.record_heartbeats(ids, [])
+    # A mass event's round waiting for its re-check (the task that takes it is not running).
+    sup._stale_mass.append([sup.accounts[ids[0]]])
+    assert sup.mass_under_way
+    sup.persist_interval = 0.3  # the hold's bound; the heartbeats are already queued
+    with caplog.at_level("INFO", logger="accountd.daemon.supervisor"):
+        assert await sup.flush_heartbeats() == 0
+        assert set(sup._dirty) == set(ids)  # kept, oldest first
+        assert set((await beats_in_db(dbs, ids)).values()) == {None}
+        await asyncio.sleep(0.35)
+        assert await sup.flush_heartbeats() == 12  # held long enough: written meanwhile
+    assert "gives way to a mass event for at most 0.3s (12 heartbeats queued)" in caplog.text
+    assert set((await beats_in_db(dbs, ids)).values()) == {T0}
+
+    sup._stale_mass.clear()
+    sup.persist_interval = 15
+    await clock.advance(15)
+    sup.record_heartbeats(ids[:4], [])
+    with caplog.at_level("INFO", logger="accountd.daemon.supervisor"):
+        assert await sup.flush_heartbeats() == 4  # no mass event: at once
+    assert "heartbeat flush resumes" in caplog.text
+    await clock.advance(15)
+    sup.record_heartbeats(ids[4:], [])
+    sup._stale_mass.append([sup.accounts[ids[0]]])
+    assert await sup.flush_heartbeats() == 0  # a new event, a new hold
+    assert await sup.flush_heartbeats(force=True) == 8  # shutdown's flush never waits
+
+
 async def test_the_final_flush_at_shutdown_is_bounded(
     dbs: Databases,
     online_sup: tuple[Supervisor, list[str], FakeClock],

@@ -239,6 +239,11 @@ class Door:
         return len(self._queue) + len(self._bulk)
 
     @property
+    def bulk_pending(self) -> int:
+        """Changes of mass events waiting in the bulk lane."""
+        return len(self._bulk)
+
+    @property
     def held(self) -> int:
         """Changes in batches being committed (or retried while the database is down): they
         count against ``max_pending`` too, so the bound holds memory during an outage."""
