@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import select, update
@@ -27,12 +26,6 @@ from accountd.statemachine import State, Trigger
 from tests.test_engine import Rig, open_rig, settle
 
 QUIET = PolicyConfig(heartbeat_timeout=600, base=600, cap=600)
-
-
-async def wait_for_condition(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -145,55 +138,6 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
     assert sup.counts[State.offline] == n + 1
     # The backlog was taken in bigger bites than the usual batch.
     assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
-
-
-async def test_a_normal_change_takes_the_express_slot_beside_a_full_pipeline_of_bulk(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bulk_ids = await rig.insert([State.online] * 2000, heartbeat=rig.clock.now())
-    others = await rig.insert([State.online] * 4, heartbeat=rig.clock.now())
-    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=500)
-    sup.door.pipeline = 2  # also on SQLite: the gated batches hold no connection
-    await sup.load()
-    gate = asyncio.Event()
-    real = sup.repo.apply_transitions
-    mass = set(bulk_ids)
-
-    async def gated(requests: Any) -> Any:
-        # The mass event's batches stay in flight until the gate opens; the database is real.
-        if requests[0].account_id in mass or requests[0].account_id == others[2]:
-            await gate.wait()
-        return await real(requests)
-
-    monkeypatch.setattr(sup.repo, "apply_transitions", gated)
-    await sup.start()
-    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
-    futures = sup.door.fire_many(bulk, bulk=True)
-    await wait_for_condition(lambda: sup.door.in_flight == 2)
-    late = sup.door.fire(Change(others[0], Trigger.logged_out, "fired during the mass"))
-    assert await asyncio.wait_for(late, 30) is ItemResult.APPLIED  # both slots still held
-    assert sup.door.in_flight == 2 and not gate.is_set()
-    gate.set()
-    await asyncio.wait_for(asyncio.gather(*futures), 120)
-    await settle(sup, rig.clock)
-    assert sup.counts[State.offline] == 2001
-
-    # Without a mass event in flight there is no third slot: two gated normal batches hold
-    # the pipeline and the third change waits for one of them.
-    gate.clear()
-    mass.clear()
-    sup.door.batch_size = sup.door.max_batch = 1
-    held = sup.door.fire(Change(others[2], Trigger.logged_out, "gated"))
-    mass.add(others[1])
-    first = sup.door.fire(Change(others[1], Trigger.logged_out, "gated too"))
-    await wait_for_condition(lambda: sup.door.in_flight == 2)
-    third = sup.door.fire(Change(others[3], Trigger.logged_out, "waits for a slot"))
-    await asyncio.sleep(0.3)
-    assert not third.done() and sup.door.in_flight == 2
-    gate.set()
-    assert (
-        await asyncio.wait_for(asyncio.gather(held, first, third), 30) == [ItemResult.APPLIED] * 3
-    )
 
 
 def test_bulk_changes_must_be_guarded() -> None:

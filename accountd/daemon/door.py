@@ -13,24 +13,18 @@ to one account never share a batch, and each is validated against the state the 
 Mass changes (a worker host dies and 10,000 accounts lose heartbeats) become a few large
 set-based transactions instead of 10,000 small ones.
 
-Throughput at scale (docs/benchmarks.md) comes from these:
+Throughput at scale (docs/benchmarks.md) comes from three things:
 
-* **Pipelining.** Up to ``pipeline`` batches (and the express batch, below) are in flight at
-  once, each in its own transaction on its own connection, so one batch's Python work overlaps
-  another's server work. An account is in at most one in-flight batch (the committer skips
-  accounts that are busy), so per-account order is kept. SQLite has one writer, so it gets
-  ``pipeline=1``.
+* **Pipelining.** Up to ``pipeline`` batches are in flight at once, each in its own transaction
+  on its own connection, so one batch's Python work overlaps another's server work. An account
+  is in at most one in-flight batch (the committer skips accounts that are busy), so per-account
+  order is kept. SQLite has one writer, so it gets ``pipeline=1``.
 * **Adaptive batches.** A backlog of bulk changes alone is taken ``max_batch`` at a time:
   fewer, larger statements and commits. With normal changes waiting, batches keep their usual
   size, so they commit soon.
 * **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
   every batch takes the normal lane first and fills up from the bulk lane. A mass event then
   runs at full speed without delaying anyone else's change by more than about one batch.
-* **An express slot.** While the pipeline is full and one of its batches carries a mass
-  event's changes, normal changes need not wait for a slot: one extra batch, of normal changes
-  only, may start beside them. Waiting for a slot and then sharing a 500-change batch cost the
-  other accounts of a 100,000-account mass event two bulk commits (1–2 s at a million accounts);
-  an express batch is a small commit of its own.
 """
 
 from __future__ import annotations
@@ -83,7 +77,6 @@ class Change:
     expect_version: int | None = None
     future: asyncio.Future[ItemResult] | None = None
     retries: int = 0
-    bulk: bool = False  # fired into the bulk lane (`Door.fire`)
 
 
 @dataclass(slots=True)
@@ -176,9 +169,6 @@ class Door:
         self._bulk: deque[Change] = deque()
         # Batches being committed, and the accounts in them (at most one batch per account).
         self._inflight: set[asyncio.Task[None]] = set()
-        # Those of them that took changes from the bulk lane, and the express batch if any.
-        self._bulk_batches: set[asyncio.Task[None]] = set()
-        self._express: asyncio.Task[None] | None = None
         self._busy: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -209,7 +199,6 @@ class Door:
         if pending + self.held >= self.max_pending:
             raise Overloaded(1.0, f"{pending + self.held} changes already pending")
         change.future = asyncio.get_running_loop().create_future()
-        change.bulk = bulk
         if bulk:
             self._bulk.append(change)
         else:
@@ -318,11 +307,6 @@ class Door:
                     if batch:
                         self._start(batch)
                         continue
-                elif self._express_due():
-                    batch = self._take_batch(bulk=False)
-                    if batch:
-                        self._express = self._start(batch)
-                        continue
                 if not self._inflight and not self._queue and not self._bulk:
                     self._idle.set()
                 # New changes, and every batch that finishes, set the event.
@@ -342,32 +326,14 @@ class Door:
             return True
         return bool(self._bulk) and (not self._inflight or len(self._bulk) >= self.batch_size)
 
-    def _express_due(self) -> bool:
-        """Start the express batch? Normal changes wait, every slot of the pipeline is taken,
-        one of those batches is a mass event's, and no express batch is in flight. Never with
-        a pipeline of one: SQLite has a single writer."""
-        return (
-            self.pipeline > 1
-            and self._express is None
-            and bool(self._bulk_batches)
-            and bool(self._queue)
-            and isinstance(self._queue[0], Change)
-        )
-
-    def _start(self, batch: list[Change]) -> asyncio.Task[None]:
+    def _start(self, batch: list[Change]) -> None:
         self._busy.update(c.account_id for c in batch)
         task = asyncio.create_task(self._commit_batch(batch), name="accountd-door-batch")
         self._inflight.add(task)
-        if any(c.bulk for c in batch):
-            self._bulk_batches.add(task)
         task.add_done_callback(self._batch_done)
-        return task
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._bulk_batches.discard(task)
-        if task is self._express:
-            self._express = None
         self._wakeup.set()
 
     async def _commit_batch(self, batch: list[Change]) -> None:
@@ -402,9 +368,8 @@ class Door:
         waiting = [c for c in batch if c.future is None or not c.future.done()]
         self._queue.extendleft(reversed(waiting))
 
-    def _take_batch(self, *, bulk: bool = True) -> list[Change]:
-        """The next batch: the normal lane first, then (``bulk``) the bulk lane; one change per
-        account.
+    def _take_batch(self) -> list[Change]:
+        """The next batch: the normal lane first, then the bulk lane; one change per account.
 
         Changes of accounts already in the batch or in a batch being committed stay where they
         are and wait their turn.
@@ -415,7 +380,7 @@ class Door:
         batch: list[Change] = []
         seen = self._busy.copy()
         exclusive_ahead = False
-        for lane in (self._queue, self._bulk) if bulk else (self._queue,):
+        for lane in (self._queue, self._bulk):
             deferred: list[Change | _Exclusive] = []
             # Bounded: a lane full of one busy account's changes must not cost a full scan.
             budget = 4 * limit
