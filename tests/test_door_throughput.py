@@ -22,6 +22,7 @@ from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.daemon.door import Change
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.protocol import ItemResult
+from accountd.daemon.supervisor import MASS_EVENT, MASS_SLICE
 from accountd.statemachine import State, Trigger
 from tests.test_engine import Rig, open_rig, settle
 
@@ -181,7 +182,8 @@ async def test_two_batches_in_flight_keep_each_accounts_changes_in_order(rig: Ri
 
 async def test_only_deadlines_crowded_into_one_instant_count_as_a_mass_event(rig: Rig) -> None:
     t0 = rig.clock.now()
-    crowd = await rig.insert([State.online] * 60, heartbeat=t0)
+    crowd = await rig.insert([State.online] * (MASS_EVENT + 10), heartbeat=t0)
+    clump = await rig.insert([State.online] * (MASS_EVENT - 1), heartbeat=t0)
     spread = await rig.insert([State.online] * 40, heartbeat=t0)
     sup = rig.supervisor(QUIET, startup_grace=600)
     await sup.load()
@@ -190,6 +192,9 @@ async def test_only_deadlines_crowded_into_one_instant_count_as_a_mass_event(rig
         sup.accounts[account_id].last_heartbeat = t0 + 0.05 * k + 0.5
     for account_id in crowd:
         sup.accounts[account_id].last_heartbeat = t0 + 0.01
-    sup._queue_stale([sup.accounts[i] for i in crowd + spread])
+    for account_id in clump:
+        # Fewer than a mass event in one slice of their own: one batch of the normal lane.
+        sup.accounts[account_id].last_heartbeat = t0 + 0.01 + MASS_SLICE
+    sup._queue_stale([sup.accounts[i] for i in crowd + clump + spread])
     assert [a.id for a in sup._stale_mass[0]] == crowd
-    assert [a.id for a in sup._stale_small[0]] == spread
+    assert [a.id for a in sup._stale_small[0]] == clump + spread
