@@ -582,10 +582,10 @@ class Run:
 
         Commits are seen from outside: every 0.1 s A's and B's rows in the database (by
         primary key), every 0.5 s the daemon's ``accountd_accounts{state="online"}`` gauge,
-        which moves right after each commit. "Gone" is anything but ``online``: recovery backoff has
-        full jitter, so a few accounts come due within the phase and move on to
-        ``recovering`` (and, the worker being unreachable, ``error``). Delays are measured from
-        the time a heartbeat was *sent*, so they include the ingest path and err long.
+        which moves right after each commit. "Gone" is anything but ``online``: recovery
+        backoff has full jitter, so a few accounts come due within the phase and move on to
+        ``recovering`` (and, the worker being unreachable, ``error``). Delays are measured
+        from the time a heartbeat was *sent*, so they include the ingest path and err long.
         """
         args, t_out = self.args, self.args.heartbeat_timeout
         m, k = args.mass, args.others

@@ -893,9 +893,10 @@ class Supervisor:
         Both want the same event loop and the same database, and the status changes matter
         more: at a million accounts the flush took 13 % of the loop, and its 20,000-25,000
         rows a second about half of one core of the database server (the batched ceiling is
-        about 44,000 rows/s), which a 100,000-account mass event then did not get. Holding it costs
-        nothing in memory (a queued heartbeat coalesces with the next) and leaves
-        ``last_heartbeat_at`` at most one more interval behind; detection never reads it.
+        about 44,000 rows/s), which a 100,000-account mass event then did not get. Holding it
+        costs no memory (a queued heartbeat coalesces with the next) and leaves
+        ``last_heartbeat_at`` at most one more interval behind. Detection decides from memory;
+        after a restart, which reads the column, the start-up grace covers the lag.
         """
         if not self.mass_under_way:
             if self._flush_held_since is not None:
