@@ -407,9 +407,9 @@ async def test_daemon_tables_have_the_agreed_columns(
             assert all(c["comment"] for c in info["columns"].values()), table
     sup = platform["accountd_supervision"]
     assert sup["pk"] == ("account_id",)
-    assert actual_indexes("accountd_supervision", sup, backend) == {
-        "idx_supervision_next_action_at": (("next_action_at",), False)
-    }
+    # No secondary index: platform_0002 dropped the one on next_action_at, which no query read
+    # and every status change rewrote.
+    assert actual_indexes("accountd_supervision", sup, backend) == {}
     assert [
         (fk["referred_table"], fk["referred_columns"], fk["options"].get("ondelete"))
         for fk in sup["fks"]
