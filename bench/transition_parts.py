@@ -26,13 +26,18 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from accountd.adapters.batch_sql import LOG_COLUMNS, SUPERVISION_COLUMNS, upsert_supervision
+from accountd.adapters.batch_sql import (
+    SUPERVISION_COLUMNS,
+    Binds,
+    insert_logs,
+    upsert_supervision,
+)
 from accountd.adapters.migrations import supervision_next_action_at_index
 from accountd.ids import uuid7
 from bench.ceilings import raw_engine
@@ -58,6 +63,17 @@ def literal(value: Any) -> str:
     if isinstance(value, bool | int):
         return str(int(value))
     return "'" + str(value) + "'"  # the seed's UUIDs and our own fixed words: no quotes inside
+
+
+class Literals(Binds):
+    """`Binds` that writes each value into the text: the daemon's own statement builders
+    (`insert_logs`, `upsert_supervision`) then give the statements with no parameters."""
+
+    def __init__(self) -> None:
+        super().__init__("mysql")
+
+    def row(self, values: Iterable[Any]) -> str:
+        return "(" + ", ".join(literal(v) for v in values) + ")"
 
 
 class Rounds:
@@ -87,23 +103,13 @@ class Rounds:
             (log_id, account_id, old, new, "heartbeat_lost: bench", None, None)
             for log_id, account_id in zip(log_ids, chunk, strict=True)
         ]
-        insert = f"INSERT INTO account_status_logs ({', '.join(LOG_COLUMNS)}) VALUES " + ", ".join(
-            "(" + ", ".join(literal(v) for v in row) + ")" for row in logs
-        )
         sup = [
             (account_id, new, now, 0, 0, "recover", now, None, history, False, None, log_id, 0, now)
             for log_id, account_id in zip(log_ids, chunk, strict=True)
         ]
         assert len(sup[0]) == len(SUPERVISION_COLUMNS)
-        return [update, insert, self._upsert(sup)], len(chunk)
-
-    def _upsert(self, rows: list[tuple[Any, ...]]) -> str:
-        # The daemon's own statement text, with each placeholder replaced by its literal.
-        class Inline:
-            def row(self, values: Any) -> str:
-                return "(" + ", ".join(literal(v) for v in values) + ")"
-
-        return upsert_supervision(Inline(), rows, self.dialect)  # type: ignore[arg-type]
+        b = Literals()
+        return [update, insert_logs(b, logs), upsert_supervision(b, sup, self.dialect)], len(chunk)
 
 
 async def measure(conn: AsyncConnection, rounds: Rounds, seconds: float) -> dict[str, float]:
