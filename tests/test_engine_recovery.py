@@ -199,6 +199,48 @@ async def test_waiting_qr_to_error_after_qr_max_refreshes_and_no_automatic_retry
     assert len(await rig.logs(acc)) == 5
 
 
+async def test_a_resent_qr_ready_is_a_duplicate_even_after_a_restart(rig: Rig) -> None:
+    # A worker resends a batch whose answer it never got (a timeout, or the daemon killed
+    # between commit and reply). For most events the repeat is illegal where the first one
+    # led; a QR refresh is legal in waiting_qr, so only its code tells a repeat from a refresh.
+    acc, other = await rig.insert([State.initializing, State.initializing])
+    cfg = PolicyConfig(qr_max_refreshes=3)
+    sup = rig.supervisor(cfg)
+    await sup.load()
+    await sup.start()
+    first = [(acc, "qr_ready", {"qr_code": "QR0"}), (other, "qr_ready", {"qr_code": "QR0"})]
+    assert await events(sup, rig.clock, first) == [ItemResult.APPLIED] * 2
+    assert await events(sup, rig.clock, first[:1]) == [ItemResult.DUPLICATE]
+    refresh = [(acc, "qr_ready", {"qr_code": "QR1"})]
+    assert await events(sup, rig.clock, refresh) == [ItemResult.APPLIED]
+    assert await events(sup, rig.clock, refresh) == [ItemResult.DUPLICATE]
+    # The code shown before is not a repeat of the one shown now: it is applied (a worker
+    # going back to an older code is its business) and counted as a refresh.
+    assert await events(sup, rig.clock, first[:1]) == [ItemResult.APPLIED]
+    assert sup.accounts[acc].qr_refreshes == 2
+    await rig.stop(sup)
+
+    again = rig.supervisor(cfg)
+    await again.load()
+    await again.start()
+    assert await events(again, rig.clock, first) == [ItemResult.DUPLICATE] * 2
+    assert await events(again, rig.clock, refresh) == [ItemResult.APPLIED]
+    logs = await rig.logs(acc)
+    assert [r["new_status"] for r in logs] == ["waiting_qr"] * 4
+    # Consecutive refreshes are told apart in the log by their count, even within one second.
+    assert [r["change_reason"].rsplit("; ", 1)[-1] for r in logs[1:]] == [
+        "refresh 1/3",
+        "refresh 2/3",
+        "refresh 3/3",
+    ]
+    assert again.accounts[acc].qr_refreshes == 3
+    assert len(await rig.logs(other)) == 1
+    # Leaving waiting_qr forgets the code: the same code later is a new QR, not a repeat.
+    assert await events(again, rig.clock, [(other, "qr_scanned", {})]) == [ItemResult.APPLIED]
+    assert await events(again, rig.clock, [(other, "logged_out", {})]) == [ItemResult.APPLIED]
+    assert other not in again.shown_qr
+
+
 # ------------------------------------------------------------------------------ 6. flapping
 
 

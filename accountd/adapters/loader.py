@@ -12,6 +12,8 @@ for exactly what `Supervisor._adopt_values` needs, in the cheapest form for the 
 
 Keyset-paginated by id, like `iter_accounts`: O(n) overall, and each page is a short read.
 
+`shown_qr_hashes` reads the QR codes on show apart from it.
+
 `heartbeats_after` serves the periodic pick-up of heartbeats other services wrote, in pages
 keyed by (``last_heartbeat_at``, id) so that a second holding more rows than a page never
 stalls it; on MySQL/MariaDB a page arrives packed in one row (`heartbeats_packed_statement`).
@@ -100,6 +102,26 @@ async def iter_loaded(engine: AsyncEngine, page_size: int = 10_000) -> AsyncIter
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
+
+
+async def shown_qr_hashes(engine: AsyncEngine, page_size: int = 1_000) -> dict[str, int]:
+    """``hash(login_qr_code)`` of every account in waiting_qr that shows a code.
+
+    Apart from the main load, which reads every row: few accounts wait for a scan at any
+    time, `idx_status` finds them, and a code (TEXT, up to 64 KB) is not worth carrying
+    through a million-row read. Paged, so that many large codes never arrive at once.
+    """
+    stmt = text(
+        "SELECT id, login_qr_code FROM wework_accounts WHERE status = 'waiting_qr' "
+        "AND login_qr_code IS NOT NULL AND id > :after ORDER BY id LIMIT :limit"
+    )
+    shown: dict[str, int] = {}
+    after = ""
+    async with engine.connect() as conn:
+        while rows := (await conn.execute(stmt, {"after": after, "limit": page_size})).all():
+            shown.update((account_id, hash(code)) for account_id, code in rows)
+            after = rows[-1][0]
+    return shown
 
 
 # The keyset position of the heartbeat poll: at or after the second `ts`, past `id` within it.

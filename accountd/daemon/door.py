@@ -115,12 +115,18 @@ class Redirect:
     data: Mapping[str, Any] | None = None
 
 
+@dataclass(slots=True)
+class Repeat:
+    """The planner recognises the change as a repeat of one already committed (a worker
+    resending a batch whose answer it never got): answered `duplicate`, nothing written."""
+
+
 class Planner(Protocol):
     """Implemented by the supervisor: the policy decisions around a transition."""
 
     def plan(
         self, acc: Account, change: Change, new_state: State, now: float
-    ) -> Planned | Redirect: ...
+    ) -> Planned | Redirect | Repeat: ...
 
     def after_commit(self, acc: Account, change: Change, planned: Planned, now: float) -> None: ...
 
@@ -465,6 +471,9 @@ class Door:
                 _resolve(change, ItemResult.ILLEGAL)
                 return None
             result = self.planner.plan(acc, change, new_state, now)
+            if isinstance(result, Repeat):
+                _resolve(change, ItemResult.DUPLICATE)
+                return None
             if isinstance(result, Redirect):
                 change.trigger = result.trigger
                 change.cause = result.cause

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accountd.adapters.repository import TransitionRequest, to_db_time
-from accountd.daemon.door import Change, Planned, Redirect
+from accountd.daemon.door import Change, Planned, Redirect, Repeat
 from accountd.daemon.policy import (
     MassOfflineDetector,
     PolicyConfig,
@@ -63,16 +63,20 @@ class TransitionPlanner:
         mass: MassOfflineDetector,
         rng: random.Random,
         paused_reasons: dict[str, str],
+        shown_qr: dict[str, int],
     ) -> None:
         self.cfg = cfg
         self.policy = RecoveryPolicy(cfg, rng=rng)
         self.mass = mass
         self.rng = rng
         self.paused_reasons = paused_reasons
+        #: Hash of the QR code each account in waiting_qr shows, where the worker sent one.
+        #: Owned by the supervisor, which keeps it in step with the committed status.
+        self.shown_qr = shown_qr
 
     def plan(
         self, acc: Account, change: Change, new_state: State, now: float
-    ) -> Planned | Redirect:
+    ) -> Planned | Redirect | Repeat:
         """Decide what a legal transition writes: row fields, reason, supervision state."""
         trigger = change.trigger
         data = dict(change.data or {})
@@ -83,12 +87,24 @@ class TransitionPlanner:
         history = acc.offline_history
         decision: RecoveryDecision | None = None
         action: Action | None = None
+        note = ""
 
         if trigger is Trigger.recover and data.get("reset_attempts"):
             # An admin's `recover` is a deliberate fresh start: a new recovery and QR budget.
             attempts = 0
             qr = 0
         if trigger is Trigger.qr_ready:
+            code = data.get("qr_code")
+            if (
+                acc.status is State.waiting_qr
+                and isinstance(code, str)
+                and self.shown_qr.get(acc.id) == hash(code)
+            ):
+                # The QR on show, sent again: workers resend a batch whose answer they never
+                # got, and unlike other events a refresh is legal where the first one led. A
+                # 64-bit hash stands for the code (TEXT, up to 64 KB): a false match, about
+                # one in 2**64, would drop one refresh.
+                return Repeat()
             qr_decision = self.policy.on_qr_ready(acc, now)
             if qr_decision.trigger is Trigger.fail:
                 # Nobody is scanning: a human step must never loop unattended.
@@ -98,8 +114,10 @@ class TransitionPlanner:
                     {"error": "qr_not_scanned", "needs_human": True, "alert": qr_decision.alert},
                 )
             qr = qr_decision.qr_refreshes
-            code = data.get("qr_code")
             fields["login_qr_code"] = code if isinstance(code, str) else None
+            if acc.status is State.waiting_qr:
+                # "refresh n/max": also tells two refreshes within one second apart in the log.
+                note = qr_decision.reason.removeprefix("qr_ready: ")
 
         if new_state is State.offline:
             hold = self.mass.cooldown_until(acc.tenant_id, now)
@@ -149,6 +167,8 @@ class TransitionPlanner:
             call = "close"
 
         reason = f"{trigger}: {change.cause}"
+        if note:
+            reason += f"; {note}"
         if decision is not None:
             reason += f"; next: {decision.reason}"
         details = data.get("error_details") or data.get("error")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from accountd.adapters.loader import LoadedRow, heartbeats_after, iter_loaded
+from accountd.adapters.loader import LoadedRow, heartbeats_after, iter_loaded, shown_qr_hashes
 from accountd.adapters.repository import (
     AccountRepository,
     AccountRow,
@@ -36,7 +36,7 @@ from accountd.adapters.repository import (
 from accountd.adapters.worker import WorkerClient
 from accountd.daemon.clock import Clock
 from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
-from accountd.daemon.door import Change, Door, Planned, Redirect
+from accountd.daemon.door import Change, Door, Planned, Redirect, Repeat
 from accountd.daemon.outage import OutageGuard
 from accountd.daemon.planning import (
     FAIL,
@@ -178,7 +178,12 @@ class Supervisor:
         self.started_at = clock.now()
         # Why paused accounts were paused (accountd_supervision.paused_reason); paused only.
         self.paused_reasons: dict[str, str] = {}
-        self.planner = TransitionPlanner(cfg, self.mass, self.rng, self.paused_reasons)
+        # Hash of the QR code shown, per account in waiting_qr whose worker sent one: how the
+        # planner tells a resent qr_ready from a refresh. Accounts leave it with waiting_qr.
+        self.shown_qr: dict[str, int] = {}
+        self.planner = TransitionPlanner(
+            cfg, self.mass, self.rng, self.paused_reasons, self.shown_qr
+        )
         # Heartbeats waiting to be written: account id → time (at most one per account; when
         # each account was last queued is `Account.persisted_at`).
         self._dirty: dict[str, float] = {}
@@ -222,6 +227,7 @@ class Supervisor:
                     created.append(acc.id)
         if repairs:
             await self.repo.save_supervision(repairs)
+        self.shown_qr.update(await shown_qr_hashes(self.repo.engine))
         if self.on_db_time is not None:
             self.on_db_time("platform", "load", time.perf_counter() - load_started)
         self.loaded = True
@@ -273,7 +279,9 @@ class Supervisor:
         """Apply new policy numbers live (SIGHUP). Running deadlines keep their times; the
         heartbeat timeout applies at each account's next check."""
         self.cfg = cfg
-        self.planner = TransitionPlanner(cfg, self.mass, self.rng, self.paused_reasons)
+        self.planner = TransitionPlanner(
+            cfg, self.mass, self.rng, self.paused_reasons, self.shown_qr
+        )
         self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
         self.mass.ratio = cfg.mass_offline_ratio
         self.mass.window = cfg.mass_offline_window
@@ -421,6 +429,7 @@ class Supervisor:
             self.runner.cancel(account_id)
             self._dirty.pop(account_id, None)
             self.paused_reasons.pop(account_id, None)
+            self.shown_qr.pop(account_id, None)
             log.info("account %s was deleted from the database; no longer supervised", account_id)
 
     # ---------------------------------------------------------------- Planner (for the door)
@@ -441,6 +450,8 @@ class Supervisor:
             return
         new = State(row.status)
         if new is not acc.status:
+            # Whatever moved it knows the QR it shows, if any; we do not.
+            self.shown_qr.pop(acc.id, None)
             now = self.clock.now()
             with self.view_lock:
                 self.counts[acc.status] -= 1
@@ -455,7 +466,7 @@ class Supervisor:
 
     def plan(
         self, acc: Account, change: Change, new_state: State, now: float
-    ) -> Planned | Redirect:
+    ) -> Planned | Redirect | Repeat:
         return self.planner.plan(acc, change, new_state, now)
 
     def after_commit(self, acc: Account, change: Change, planned: Planned, now: float) -> None:
@@ -479,6 +490,10 @@ class Supervisor:
             if new is State.online:
                 acc.last_heartbeat = now
             self._arm(acc, now)
+        if new is State.waiting_qr and (code := planned.request.fields.get("login_qr_code")):
+            self.shown_qr[acc.id] = hash(code)
+        elif old is State.waiting_qr or new is State.waiting_qr:
+            self.shown_qr.pop(acc.id, None)
         if effects.call is not None:
             self.calls.queue(effects.call, acc.id)
         if old is State.recovering:
