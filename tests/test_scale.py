@@ -24,7 +24,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import event, insert, select, text
 
 from accountd.adapters.db import Databases, make_engine
-from accountd.adapters.loader import LoadedRow, heartbeats_after, iter_loaded, unpack_heartbeats
+from accountd.adapters.loader import (
+    LoadedRow,
+    heartbeats_after,
+    iter_loaded,
+    unpack_heartbeats,
+    unpack_loaded,
+)
 from accountd.adapters.repository import AccountRepository, from_db_time, to_db_time
 from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.adapters.worker import WorkerClient
@@ -122,11 +128,35 @@ async def test_fast_loader_reads_what_the_repository_reads(dbs: Databases) -> No
         },
         # Changed behind the daemon's back: the supervision row says online, the row offline.
         {"id": str(uuid.uuid4()), "status": "offline", "sup": supervision("online")},
+        # The packed page's separators in an admin's words: that page is read row by row.
+        {
+            "id": str(uuid.uuid4()),
+            "status": "error",
+            "sup": supervision("error", paused=True, paused_reason="a\x1fb\x1ec"),
+        },
     ]
     await insert_rows(dbs, rows)
     repo = AccountRepository(dbs.platform)
     expected = {r.id: r for page in [p async for p in repo.iter_accounts(2)] for r in page}
-    loaded = [LoadedRow._make(r) for page in [p async for p in iter_loaded(dbs.platform, 2)]
+    await _loads_as_expected(dbs.platform, expected)
+    if dbs.dialect("platform") == "mysql":
+        # Every packed page cut short by group_concat_max_len: each is read row by row.
+        short = make_engine(dbs.platform.url)
+
+        @event.listens_for(short.sync_engine, "connect")
+        def _limit(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("SET SESSION group_concat_max_len = 60")
+            cur.close()
+
+        try:
+            await _loads_as_expected(short, expected)
+        finally:
+            await short.dispose()
+
+
+async def _loads_as_expected(engine: Any, expected: dict[str, Any]) -> None:
+    loaded = [LoadedRow._make(r) for page in [p async for p in iter_loaded(engine, 2)]
               for r in page]  # fmt: skip
     assert [r.id for r in loaded] == sorted(expected)
     for got in loaded:
@@ -356,6 +386,22 @@ def test_a_packed_heartbeat_page_is_taken_only_when_it_holds_exactly_its_rows() 
     ]
     assert unpack_heartbeats(1, "a,b 1800000000") is None  # an id holding a comma
     assert unpack_heartbeats(3, "a 1800000000,b 18") is None  # cut at group_concat_max_len
+
+
+def test_a_packed_load_page_unpacks_exactly_or_not_at_all() -> None:
+    u, r = "\x1f", "\x1e"
+    online = u.join(["i1", "t", "g", "online", "1800000000.654321", "1", "online"])
+    online += u + u.join(["1800000000", "0", "0", "heartbeat", "1800000045.5", "", "[]", "0", ""])
+    created = u.join(["i2", "t", "g2", "created", "", "0", *[""] * 10])
+    assert unpack_loaded(2, online + r + created) == [
+        ("i1", "t", "g", "online", 1_800_000_000.654321, True, "online", 1_800_000_000.0, 0, 0,
+         "heartbeat", 1_800_000_045.5, None, "[]", False, None),
+        ("i2", "t", "g2", "created", None, False, *[None] * 8, False, None),
+    ]  # fmt: skip
+    assert unpack_loaded(0, None) == []
+    assert unpack_loaded(3, online + r + created) is None  # cut at group_concat_max_len
+    assert unpack_loaded(1, online + u + "extra") is None  # a separator inside a value
+    assert unpack_loaded(1, online.replace("heartbeat" + u + "1800000045.5", "x" + u + "y")) is None
 
 
 async def test_heartbeat_poll_pages_hold_odd_ids_and_survive_a_short_concat_limit(

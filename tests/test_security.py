@@ -198,7 +198,10 @@ SQL_ALLOWED: dict[tuple[str, str], str] = {
     ("accountd/adapters/repository.py", "AccountRepository._upsert_supervision"): "same",
     ("accountd/adapters/loader.py", "load_statement"): "the start-up load query: fixed column "
     "names and per-dialect expressions; the keyset cursor and page size are bound (:after, :limit)",
-    ("accountd/adapters/loader.py", "iter_loaded"): "runs load_statement with bound parameters",
+    ("accountd/adapters/loader.py", "iter_loaded"): "runs load_statement and "
+    "load_packed_statement with bound parameters",
+    ("accountd/adapters/loader.py", "load_packed_statement"): "the same page packed into one "
+    "row: fixed column names and functions; cursor, limit and separators are bound",
     ("accountd/adapters/loader.py", "heartbeats_statement"): "the paged heartbeat read: fixed "
     "column names and a per-dialect timestamp expression; cursor, since and limit are bound",
     ("accountd/adapters/loader.py", "heartbeats_packed_statement"): "the same page packed "
