@@ -457,7 +457,7 @@ class Door:
             if acc is None:
                 _resolve(change, ItemResult.UNKNOWN_ACCOUNT)
                 return None
-            state = State(acc.status)
+            state = acc.status
             if (change.expect_state is not None and change.expect_state != state) or (
                 change.expect_version is not None and change.expect_version != acc.version
             ):

@@ -62,7 +62,7 @@ from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import WORKER_EVENTS, ItemResult, WorkerEvent
 from accountd.daemon.worker_calls import WorkerCalls
 from accountd.errors import Overloaded, WorkerTransient
-from accountd.statemachine import TRANSITIONS, State, Trigger
+from accountd.statemachine import STATE_BY_VALUE, TRANSITIONS, State, Trigger
 from accountd.statemachine.account import Account
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ class Supervisor:
         thousands of accounts share each value (one float object each instead of one per
         account: 24 MB at a million).
         """
-        status = State(row.status)
+        status = STATE_BY_VALUE.get(row.status) or State(row.status)  # the latter raises
         beat = row.last_heartbeat_at
         if beats is not None and beat is not None:
             beat = beats.setdefault(beat, beat)
