@@ -123,11 +123,21 @@ def test_the_calendar_agrees_with_a_sorted_list_under_random_use() -> None:
     for _ in range(20_000):
         op = rng.random()
         account = f"a{rng.randrange(300)}"
-        if op < 0.55:
+        if op < 0.45:
             when = now + rng.choice([-1.0, 0.0, 0.01, 0.049, 0.05, 0.3, 2.0, 30.0]) * rng.random()
             q.set(account, when, f"k{seq % 3}")
             model[account] = (when, seq, f"k{seq % 3}")
             seq += 1
+        elif op < 0.55:
+            # As the runner re-arms a round: many at once, an account twice now and then.
+            items = []
+            for _ in range(rng.randrange(40)):
+                a = f"a{rng.randrange(300)}"
+                when = now + rng.choice([-0.1, 0.0, 0.02, 0.3, 30.0]) * rng.random()
+                items.append((a, when, f"k{seq % 3}"))
+                model[a] = (when, seq, f"k{seq % 3}")
+                seq += 1
+            assert q.set_many(items) == min((w for _, w, _ in items), default=math.inf)
         elif op < 0.65:
             assert q.cancel(account) == (model.pop(account, None) is not None)
         elif op < 0.9:
@@ -145,6 +155,13 @@ def test_the_calendar_agrees_with_a_sorted_list_under_random_use() -> None:
 def test_nan_deadline_is_rejected() -> None:
     with pytest.raises(ValueError, match="NaN"):
         DeadlineQueue().set("a", math.nan, "timeout")
+    q = DeadlineQueue()
+    with pytest.raises(ValueError, match="NaN"):
+        q.set_many([("a", T0, "timeout"), ("b", math.nan, "timeout")])
+    # What came before the NaN is set, as with `set` one at a time, and still pops.
+    assert len(q) == 1 and q.get("b") is None
+    assert q.pop_due(T0 + 1) == [("a", "timeout")]
+    assert len(q) == 0 and q.next_due() is None
 
 
 # -- the fake clock -----------------------------------------------------------------------------
@@ -240,6 +257,35 @@ async def test_runner_wakes_early_when_an_earlier_deadline_is_set(
     assert rec.calls == [(T0 + 5, [("early", "timeout")])]
     await clock.advance(95)
     assert rec.calls[-1] == (T0 + 100, [("late", "timeout")])
+
+
+async def test_set_many_wakes_the_runner_only_for_an_earlier_deadline(clock: FakeClock) -> None:
+    fired: list[tuple[float, Due]] = []
+
+    async def on_due(due: Due) -> None:
+        fired.append((clock.now(), due))
+
+    r = DeadlineRunner(DeadlineQueue(), on_due, clock=clock)
+    await r.start()
+    try:
+        r.set("a", T0 + 10, "timeout")
+        await clock.advance(0)
+        assert clock.next_wake() == T0 + 10
+        r.set_many([("b", T0 + 20, "heartbeat")])
+        await clock.advance(0)
+        assert clock.next_wake() == T0 + 10  # still a's time
+        r.set_many([("c", T0 + 30, "heartbeat"), ("d", T0 + 4, "heartbeat")])
+        await clock.advance(0)
+        assert clock.next_wake() == T0 + 4
+        await clock.advance(30)
+        assert [due for _, due in fired] == [
+            [("d", "heartbeat")],
+            [("a", "timeout")],
+            [("b", "heartbeat")],
+            [("c", "heartbeat")],
+        ]
+    finally:
+        await r.stop(grace=1.0)
 
 
 async def test_deadlines_set_from_inside_on_due_fire_without_a_wake_up(clock: FakeClock) -> None:

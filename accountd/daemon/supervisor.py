@@ -531,20 +531,25 @@ class Supervisor:
     async def _on_due(self, due: list[tuple[str, str]]) -> None:
         now = self.clock.now()
         stale: list[Account] = []
+        # Heartbeat checks that saw a heartbeat since they were armed, re-armed in one call
+        # after the loop: nearly every entry of a round at a million accounts.
+        rearm: list[tuple[str, float, str]] = []
+        timeout = self.cfg.heartbeat_timeout
+        online = State.online
         for account_id, kind in due:
             acc = self.accounts.get(account_id)
             if acc is None:
                 continue
             if kind == HEARTBEAT:
-                if acc.status is not State.online:
+                if acc.status is not online:
                     continue
                 last = max(acc.last_heartbeat or 0.0, acc.entered_at)
-                if last + self.cfg.heartbeat_timeout > now:
-                    self.runner.set(acc.id, last + self.cfg.heartbeat_timeout, HEARTBEAT)
+                if last + timeout > now:
+                    rearm.append((account_id, last + timeout, HEARTBEAT))
                 elif self.outage is not None and (
-                    later := self.outage.excuse_heartbeat(last, self.cfg.heartbeat_timeout, now)
+                    later := self.outage.excuse_heartbeat(last, timeout, now)
                 ):
-                    self.runner.set(acc.id, later, HEARTBEAT)
+                    rearm.append((account_id, later, HEARTBEAT))
                 else:
                     stale.append(acc)
             elif kind == TIMEOUT:
@@ -584,6 +589,8 @@ class Supervisor:
                     ),
                     retry=START,
                 )
+        if rearm:
+            self.runner.set_many(rearm)
         if stale:
             self._queue_stale(stale)
 
