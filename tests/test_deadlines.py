@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from accountd.daemon.clock import FakeClock, SystemClock
-from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
+from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner, HeartbeatChecks
+from accountd.statemachine import State
+from accountd.statemachine.account import Account
 
 T0 = 1_700_000_000.0
 Due = list[tuple[str, str]]
@@ -448,3 +450,201 @@ def test_runner_rejects_a_useless_batch_size(bad: int, clock: FakeClock) -> None
     )
     with pytest.raises(ValueError):
         make()
+
+
+# -- heartbeat checks ----------------------------------------------------------------------------
+
+
+def online(name: str, *, entered: float = T0 - 100, beat: float | None = None) -> Account:
+    return Account(
+        id=name,
+        tenant_id="t",
+        wework_guid=name,
+        status=State.online,
+        entered_at=entered,
+        last_heartbeat=beat,
+    )
+
+
+def test_a_check_re_arms_an_account_that_beat_and_hands_back_one_that_did_not() -> None:
+    checks = HeartbeatChecks(timeout=45.0)
+    beating, silent, never = online("beating"), online("silent"), online("never", entered=T0)
+    for acc in (beating, silent, never):
+        checks.set(acc, T0 + 45)
+    beating.last_heartbeat = T0 + 30
+    silent.last_heartbeat = T0 - 1  # its last beat was before the check was armed
+    assert checks.next_due() == T0 + 45
+    assert checks.sweep(T0 + 44.9) == ([], 0)
+    expired, taken = checks.sweep(T0 + 45)
+    assert taken == 3 and expired == [silent, never]
+    assert silent.heartbeat_check is None and never.heartbeat_check is None
+    assert beating.heartbeat_check == T0 + 75 and checks.next_due() == T0 + 75
+    assert checks.sweep(T0 + 75) == ([beating], 1)
+    assert checks.next_due() is None and len(checks) == 0
+
+
+def test_set_replaces_and_discard_or_leaving_online_drops_a_pending_check() -> None:
+    checks = HeartbeatChecks(timeout=10.0)
+    a, b, c = online("a"), online("b"), online("c")
+    checks.set(a, T0 + 5)
+    checks.set(a, T0 + 50)  # later: the first pair is stale
+    checks.set(b, T0 + 6)
+    HeartbeatChecks.discard(b)
+    checks.set(c, T0 + 7)
+    c.status = State.offline  # left online without a discard: skipped all the same
+    assert checks.next_due() == T0 + 7  # c's status is not looked at until it comes due
+    assert checks.taken == 2  # the stale pairs ahead of it were dropped on the way
+    assert checks.sweep(T0 + 20) == ([], 1)
+    assert checks.next_due() == T0 + 50
+    checks.set(a, T0 + 1)  # earlier than anything held
+    assert checks.sweep(T0 + 60) == ([a], 2)  # the T0 + 50 pair was stale by then
+    with pytest.raises(ValueError, match="NaN"):
+        checks.set(a, math.nan)
+
+
+def test_a_check_set_at_or_before_the_sorted_head_comes_first_and_limits_hold() -> None:
+    checks = HeartbeatChecks(timeout=45.0)
+    late = [online(f"late{i}") for i in range(1000)]
+    for i, acc in enumerate(late):
+        checks.set(acc, T0 + 30 + i * 0.001)  # one bucket, sorted when its time comes
+    assert checks.next_due() == T0 + 30  # that bucket is now the head
+    now_acc, same_slice = online("now"), online("same-slice")
+    checks.set(now_acc, T0)
+    checks.set(same_slice, T0 + 30.0005)
+    checks.set(late[5], T0 + 29)  # replaces a pair held in the head
+    expired, taken = checks.sweep(T0 + 30.002, limit=5)
+    assert taken == 5
+    assert expired == [now_acc, late[5], late[0], same_slice, late[1]]
+    assert checks.sweep(T0 + 30.002, limit=1000)[0] == [late[2]]
+
+
+def test_heartbeat_checks_agree_with_a_model_under_random_use() -> None:
+    """Sets, beats, discards, state changes and sweeps with limits across bucket boundaries,
+    against the obvious model: each account's pending check time, taken in time order."""
+    rng = random.Random(11)
+    timeout = 1.0
+    checks = HeartbeatChecks(timeout)
+    accounts = [online(f"a{i}", entered=T0) for i in range(200)]
+    model: dict[str, float] = {}
+    now = T0
+    for _ in range(20_000):
+        op = rng.random()
+        acc = rng.choice(accounts)
+        if op < 0.3:
+            if acc.status is State.online:
+                when = now + rng.choice([-0.5, 0.0, 0.01, 0.049, 0.05, 0.3, 2.0]) * rng.random()
+                checks.set(acc, when)
+                model[acc.id] = when
+        elif op < 0.5:
+            acc.last_heartbeat = now  # ingest: no call into the checks at all
+        elif op < 0.55:
+            HeartbeatChecks.discard(acc)
+            model.pop(acc.id, None)
+        elif op < 0.6:
+            acc.status = State.offline if acc.status is State.online else State.online
+            model.pop(acc.id, None)
+            HeartbeatChecks.discard(acc)
+            acc.entered_at = now
+        elif op < 0.9:
+            now += rng.random() * 0.2
+            limit = rng.choice([1, 3, 10, 1000])
+            by_id = {a.id: a for a in accounts}
+            due = sorted((w, i) for i, w in model.items() if w <= now)
+            want_expired: dict[str, float] = {}
+            # The model takes live checks only; the real thing may also take stale pairs
+            # (counted in `taken`), so it is compared once everything due has been taken.
+            for w, i in due:
+                a = by_id[i]
+                last = max(a.last_heartbeat or 0.0, a.entered_at)
+                if last + timeout > now:
+                    model[i] = last + timeout
+                else:
+                    del model[i]
+                    want_expired[i] = w
+            got: list[Account] = []
+            while True:
+                expired, taken = checks.sweep(now, limit)
+                got += expired
+                if taken < limit:
+                    break
+            # The same accounts, in time order (ties: in the order set, which the model
+            # does not keep).
+            assert sorted(a.id for a in got) == sorted(want_expired)
+            times = [want_expired[a.id] for a in got]
+            assert times == sorted(times)
+        else:
+            assert checks.next_due() == min(model.values(), default=None)
+        live = {a.id: a.heartbeat_check for a in accounts if a.heartbeat_check is not None}
+        assert live == model
+
+
+def test_a_sweep_costs_what_comes_due_not_what_is_watched() -> None:
+    checks = HeartbeatChecks(timeout=45.0)
+    accounts = [online(f"a{i}", beat=T0) for i in range(10_000)]
+    for i, acc in enumerate(accounts):
+        checks.set(acc, T0 + 1 + 44 * i / len(accounts))
+    checks.sweep(T0 + 2)
+    assert checks.taken <= 300  # ~227 due in that second, not 10,000
+
+
+async def test_runner_hands_expired_checks_over_and_wakes_for_an_earlier_one(
+    clock: FakeClock,
+) -> None:
+    rec = Recorder(clock)
+    expired: list[tuple[float, list[str]]] = []
+    r = DeadlineRunner(
+        DeadlineQueue(),
+        rec,
+        clock=clock,
+        checks=HeartbeatChecks(timeout=45.0),
+        on_expired=lambda accs: expired.append((clock.now(), [a.id for a in accs])),
+    )
+    beating, silent = online("beating", beat=T0), online("silent", beat=T0 - 50)
+    await r.start()
+    try:
+        r.check(beating, T0 + 45)
+        r.set("other", T0 + 20, "timeout")
+        await clock.advance(0)
+        assert clock.next_wake() == T0 + 20 and r.next_due() == T0 + 20
+        r.check(silent, T0 + 10)  # earlier than the runner's sleep: it wakes
+        await clock.advance(0)
+        assert clock.next_wake() == T0 + 10
+        await clock.advance(10)
+        assert expired == [(T0 + 10, ["silent"])]
+        beating.last_heartbeat = T0 + 30
+        await clock.advance(35)
+        assert rec.calls == [(T0 + 20, [("other", "timeout")])]
+        assert expired == [(T0 + 10, ["silent"])]  # beating was re-armed, not handed over
+        assert r.next_due() == T0 + 75 and clock.next_wake() == T0 + 75
+    finally:
+        await r.stop(grace=1.0)
+
+
+async def test_a_failing_on_expired_is_logged_and_its_accounts_checked_again(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[float] = []
+
+    def on_expired(_accs: list[Account]) -> None:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise RuntimeError("engine blew up")
+
+    r = DeadlineRunner(
+        DeadlineQueue(),
+        Recorder(clock),
+        clock=clock,
+        checks=HeartbeatChecks(timeout=45.0),
+        on_expired=on_expired,
+    )
+    acc = online("a", beat=T0 - 100)
+    r.check(acc, T0 + 1)
+    await r.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="accountd.daemon.deadlines"):
+            await clock.advance(5)
+    finally:
+        await r.stop(grace=1.0)
+    assert calls == [T0 + 1, T0 + 2]  # not lost: handed over again a second later
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "on_expired" in errors[0].getMessage()

@@ -221,7 +221,7 @@ async def settle(sup: Supervisor, clock: FakeClock) -> None:
     for _ in range(5000):
         await clock.settle()
         await asyncio.wait_for(sup.door.wait_idle(), 30)
-        nxt = sup.deadlines.next_due()
+        nxt = sup.runner.next_due()
         due = sup.runner.running and nxt is not None and nxt <= clock.now()
         calls = sup.calls.running and not sup.calls.idle
         if sup.busy or due or calls or sup.door.pending:
@@ -243,7 +243,7 @@ async def run_until(sup: Supervisor, clock: FakeClock, target: float) -> None:
     """
     await settle(sup, clock)
     for _ in range(20_000):
-        nxt = sup.deadlines.next_due()
+        nxt = sup.runner.next_due()
         if not sup.runner.running or nxt is None or nxt > target:
             break
         await clock.advance(max(0.0, nxt - clock.now()))

@@ -35,7 +35,7 @@ from accountd.adapters.repository import (
 )
 from accountd.adapters.worker import WorkerClient
 from accountd.daemon.clock import Clock
-from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner
+from accountd.daemon.deadlines import DeadlineQueue, DeadlineRunner, HeartbeatChecks
 from accountd.daemon.door import Change, Door, Planned, Redirect, Repeat
 from accountd.daemon.outage import OutageGuard
 from accountd.daemon.planning import (
@@ -147,9 +147,17 @@ class Supervisor:
         self.view_lock = threading.Lock()
         self.by_guid: dict[str, str] = {}
         self.counts: Counter[State] = Counter({s: 0 for s in State})
+        # Deadlines of every kind but one: online accounts' heartbeat checks, nearly all
+        # re-armed when they come due, have a structure of their own (`HeartbeatChecks`).
         self.deadlines = DeadlineQueue()
+        self.checks = HeartbeatChecks(cfg.heartbeat_timeout)
         self.runner = DeadlineRunner(
-            self.deadlines, self._on_due, clock=clock, admin_waiting=lambda: self.lane.admins > 0
+            self.deadlines,
+            self._on_due,
+            clock=clock,
+            admin_waiting=lambda: self.lane.admins > 0,
+            checks=self.checks,
+            on_expired=self._on_expired,
         )
         # Two transactions in flight overlap our Python with the server's work; SQLite has a
         # single writer, so a second one would only wait for the lock.
@@ -279,6 +287,7 @@ class Supervisor:
         """Apply new policy numbers live (SIGHUP). Running deadlines keep their times; the
         heartbeat timeout applies at each account's next check."""
         self.cfg = cfg
+        self.checks.timeout = cfg.heartbeat_timeout
         self.planner = TransitionPlanner(
             cfg, self.mass, self.rng, self.paused_reasons, self.shown_qr
         )
@@ -379,8 +388,11 @@ class Supervisor:
                 # Start-up grace: the daemon was not listening while it was down, so a missing
                 # heartbeat is our outage, not the account's.
                 due = max(due, now + self.startup_grace)
-            self.runner.set(acc.id, due, HEARTBEAT)
-        elif acc.next_action and acc.next_action_at is not None:
+            self.runner.cancel(acc.id)
+            self.runner.check(acc, due)
+            return
+        self.checks.discard(acc)
+        if acc.next_action and acc.next_action_at is not None:
             self.runner.set(acc.id, acc.next_action_at, acc.next_action)
         else:
             self.runner.cancel(acc.id)
@@ -427,6 +439,7 @@ class Supervisor:
             self.counts[acc.status] -= 1
             self.mass.remove(acc.tenant_id)
             self.runner.cancel(account_id)
+            self.checks.discard(acc)
             self._dirty.pop(account_id, None)
             self.paused_reasons.pop(account_id, None)
             self.shown_qr.pop(account_id, None)
@@ -528,31 +541,30 @@ class Supervisor:
 
     # ---------------------------------------------------------------- deadlines
 
+    def _on_expired(self, expired: list[Account]) -> None:
+        """Heartbeat checks that found no heartbeat within the timeout (`HeartbeatChecks`
+        re-armed the rest): excused by a stall or outage, or on to the re-check."""
+        now = self.clock.now()
+        timeout = self.cfg.heartbeat_timeout
+        stale: list[Account] = []
+        for acc in expired:
+            last = max(acc.last_heartbeat or 0.0, acc.entered_at)
+            if self.outage is not None and (
+                later := self.outage.excuse_heartbeat(last, timeout, now)
+            ):
+                self.runner.check(acc, later)
+            else:
+                stale.append(acc)
+        if stale:
+            self._queue_stale(stale)
+
     async def _on_due(self, due: list[tuple[str, str]]) -> None:
         now = self.clock.now()
-        stale: list[Account] = []
-        # Heartbeat checks that saw a heartbeat since they were armed, re-armed in one call
-        # after the loop: nearly every entry of a round at a million accounts.
-        rearm: list[tuple[str, float, str]] = []
-        timeout = self.cfg.heartbeat_timeout
-        online = State.online
         for account_id, kind in due:
             acc = self.accounts.get(account_id)
             if acc is None:
                 continue
-            if kind == HEARTBEAT:
-                if acc.status is not online:
-                    continue
-                last = max(acc.last_heartbeat or 0.0, acc.entered_at)
-                if last + timeout > now:
-                    rearm.append((account_id, last + timeout, HEARTBEAT))
-                elif self.outage is not None and (
-                    later := self.outage.excuse_heartbeat(last, timeout, now)
-                ):
-                    rearm.append((account_id, later, HEARTBEAT))
-                else:
-                    stale.append(acc)
-            elif kind == TIMEOUT:
+            if kind == TIMEOUT:
                 if self.outage is not None and (
                     later := self.outage.excuse_deadline(acc.next_action_at or now, now)
                 ):
@@ -589,10 +601,6 @@ class Supervisor:
                     ),
                     retry=START,
                 )
-        if rearm:
-            self.runner.set_many(rearm)
-        if stale:
-            self._queue_stale(stale)
 
     def _queue_stale(self, stale: list[Account]) -> None:
         """Hand expired heartbeats to the re-check task, a mass event's apart from the rest.
@@ -724,12 +732,12 @@ class Supervisor:
             beat = max(acc.last_heartbeat or 0.0, acc.entered_at, beats.get(acc.id, 0.0))
             if beat + timeout > now:
                 acc.last_heartbeat = max(acc.last_heartbeat or 0.0, beat)
-                self.runner.set(acc.id, beat + timeout, HEARTBEAT)
+                self.runner.check(acc, beat + timeout)
                 continue
             if self.outage is not None and (
                 later := self.outage.excuse_heartbeat(beat, timeout, now)
             ):
-                self.runner.set(acc.id, later, HEARTBEAT)
+                self.runner.check(acc, later)
                 continue
             last = acc.last_heartbeat
             ago = f"{now - last:.1f}s ago" if last else "never"
@@ -758,7 +766,11 @@ class Supervisor:
         except Overloaded as exc:
             if retry is not None:
                 later = self.clock.now() + exc.retry_after + self.rng.uniform(0, 1.0)
-                self.runner.set(change.account_id, later, retry)
+                if retry == HEARTBEAT:
+                    if (acc := self.accounts.get(change.account_id)) is not None:
+                        self.runner.check(acc, later)
+                else:
+                    self.runner.set(change.account_id, later, retry)
             log.debug("could not queue %s for %s: %s", change.trigger, change.account_id, exc)
             return None
         self._internal.add(fut)

@@ -6,7 +6,7 @@ per-instance ``__dict__``) and the fields are values, not objects with their own
 so a healthy account pays nothing for it), ``next_action`` one of a handful of interned strings.
 
 Measured on CPython 3.11 (tests/test_statemachine.py keeps this honest): the object itself is
-160 bytes; with a 36-character id, a 32-character ``wework_guid``, and three float timestamps
+168 bytes; with a 36-character id, a 32-character ``wework_guid``, and three float timestamps
 of its own it is about 400 bytes. ``tenant_id`` and ``worker_key`` are shared with the other
 accounts of the same tenant or worker when the loader interns them (``sys.intern``), and
 ``online_since`` may be the very float object of ``entered_at``; ``last_heartbeat`` and
@@ -58,6 +58,9 @@ class Account:
     #: When a heartbeat of this account was last queued for ``last_heartbeat_at`` (epoch
     #: seconds; 0 = never, a cached small int): later ones within ``persist_interval`` are not.
     persisted_at: float = 0
+    #: While ``online``: when its heartbeat is checked next (`HeartbeatChecks` holds the very
+    #: float beside the account; a check whose float is no longer this one is stale).
+    heartbeat_check: float | None = None
 
 
 __all__ = ["Account"]
