@@ -1,19 +1,25 @@
-"""The deadline queue at a million accounts, beside a plain binary heap doing the same work.
+"""Heartbeat checks at a million accounts: the daemon's `HeartbeatChecks` beside the general
+deadline queue and a plain binary heap doing the same work.
 
 Usage::
 
-    .venv/bin/python -m bench.deadline_queue                     # 1,000,000 deadlines
+    .venv/bin/python -m bench.deadline_queue                     # 1,000,000 accounts
     .venv/bin/python -m bench.deadline_queue --accounts 100000
 
-Every online account has one heartbeat check in `accountd.daemon.deadlines.DeadlineQueue`; with
-workers beating every 15 s and a 45 s timeout, each check comes due once per 30-45 s and is
-re-armed. This replays that: ``--accounts`` deadlines spread over 45 s, then ``--seconds`` of
-simulated time in 10 ms steps, each step popping what is due (``pop_due``, rounds of 5,000)
-and re-arming every popped account 30-45 s later in one ``set_many``, as `Supervisor._on_due`
-does. It prints
-CPU µs per pop and re-arm for the daemon's queue and for `HeapQueue` below, the binary heap
-with lazy invalidation the daemon used before (one ``heappop`` walks ~2·log2(n) entries of a
-list no cache holds at 1M). Both are fed the same random sequence, in alternating rounds.
+Every online account has one heartbeat check; with workers beating every 15 s and a 45 s
+timeout, each comes due once per 30-45 s and is re-armed at its last beat + 45 s (~25,000 a
+second at a million accounts). This replays that: ``--accounts`` online accounts beating in a
+fixed rotation (not timed), then ``--seconds`` of simulated time in 10 ms steps, each step
+taking what is due in rounds of 5,000. It prints CPU µs per check taken for:
+
+* `HeartbeatChecks.sweep` (the daemon since 2026-12-04): ``(when, account)`` pairs, checked
+  and re-armed in place;
+* `DeadlineQueue` (the daemon before): ``pop_due``, the account looked up by id and checked,
+  the re-arms in one ``set_many``, as `Supervisor._on_due` did;
+* `HeapQueue` below, the binary heap with lazy invalidation used before the calendar (one
+  ``heappop`` walks ~2·log2(n) entries of a list no cache holds at 1M), with the same check.
+
+All three replay the same beats, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import random
 import time
 from collections.abc import Sequence
 
-from accountd.daemon.deadlines import DeadlineQueue
+from accountd.daemon.deadlines import DeadlineQueue, HeartbeatChecks
+from accountd.statemachine import State
+from accountd.statemachine.account import Account
 from bench.common import machine, print_table
 
 
@@ -60,27 +68,71 @@ class HeapQueue:
         return out
 
 
-def replay(queue: DeadlineQueue | HeapQueue, accounts: int, seconds: float) -> tuple[int, float]:
+TIMEOUT = 45.0
+BEAT_EVERY = 15.0
+
+
+def replay(kind: str, accounts: int, seconds: float) -> tuple[int, float]:
+    """Checks taken and CPU seconds: ``accounts`` online accounts beating every 15 s in a fixed
+    rotation (not timed), their heartbeat checks due at last beat + 45 s and re-armed when
+    they come due, in 10 ms steps, rounds of 5,000."""
     rng = random.Random(1)
     t0 = 1_800_000_000.0
-    ids = [f"{i:08d}-0000-4000-8000-000000000000" for i in range(accounts)]
-    for account_id in ids:
-        queue.set(account_id, t0 + rng.uniform(0, 45), "heartbeat")
+    accs = [
+        Account(
+            id=f"{i:08d}-0000-4000-8000-000000000000",
+            tenant_id="t",
+            wework_guid=f"{i:032x}",
+            status=State.online,
+            entered_at=t0 - 3600,
+        )
+        for i in range(accounts)
+    ]
+    rng.shuffle(accs)
+    registry = {acc.id: acc for acc in accs}
+    checks = HeartbeatChecks(TIMEOUT)
+    queue: DeadlineQueue | HeapQueue = HeapQueue() if kind == "heap" else DeadlineQueue()
+    for p, acc in enumerate(accs):
+        # Position p in the rotation beats at t0 + (p / n) * 15 s, then every 15 s. Its check
+        # was armed at one of its last three beats, so that checks are spread over 45 s as in
+        # a daemon that has run for a while.
+        acc.last_heartbeat = t0 - BEAT_EVERY + BEAT_EVERY * p / accounts
+        when = acc.last_heartbeat - BEAT_EVERY * rng.randrange(3) + TIMEOUT
+        if kind == "checks":
+            checks.set(acc, when)
+        else:
+            queue.set(acc.id, when, "heartbeat")
     gc.collect()
     gc.freeze()  # as the daemon does after its load
-    now, done = t0, 0
-    cpu = time.process_time()
+    now, done, used, beat = t0, 0, 0.0, 0
+    per_step = round(accounts * 0.01 / BEAT_EVERY)
     while now < t0 + seconds:
         now += 0.01
+        for _ in range(per_step):  # ingest, not timed
+            accs[beat % accounts].last_heartbeat = now
+            beat += 1
+        cpu = time.process_time()
         while True:
-            due = queue.pop_due(now, 5000)
-            queue.set_many(
-                [(account_id, now + rng.uniform(30, 45), kind) for account_id, kind in due]
-            )
-            done += len(due)
-            if len(due) < 5000:
+            if kind == "checks":
+                expired, taken = checks.sweep(now, 5000)
+                assert not expired
+            else:
+                # What `Supervisor._on_due` did for a heartbeat check before `HeartbeatChecks`.
+                due = queue.pop_due(now, 5000)
+                rearm = []
+                for account_id, what in due:
+                    acc = registry[account_id]
+                    if acc.status is not State.online:
+                        continue
+                    last = max(acc.last_heartbeat or 0.0, acc.entered_at)
+                    assert last + TIMEOUT > now
+                    rearm.append((account_id, last + TIMEOUT, what))
+                queue.set_many(rearm)
+                taken = len(due)
+            done += taken
+            if taken < 5000:
                 break
-    used = time.process_time() - cpu
+        used += time.process_time() - cpu
     gc.unfreeze()
     return done, used
 
@@ -92,20 +144,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     m = machine()
-    print(f"{m['cpus']} CPUs ({m['cpu']}), Python {m['python']}; {args.accounts:,} deadlines, "
-          f"{args.seconds:g} s simulated, {args.rounds} rounds each")  # fmt: skip
-    results: dict[str, list[float]] = {"calendar (DeadlineQueue)": [], "binary heap": []}
-    count = 0
+    print(f"{m['cpus']} CPUs ({m['cpu']}), Python {m['python']}; "
+          f"{args.accounts:,} accounts online, {args.seconds:g} s simulated, "
+          f"{args.rounds} rounds each")  # fmt: skip
+    names = {
+        "checks": "HeartbeatChecks (the daemon's)",
+        "calendar": "calendar (DeadlineQueue) + the check",
+        "heap": "binary heap + the check",
+    }
+    results: dict[str, list[float]] = {kind: [] for kind in names}
+    counts: dict[str, int] = {}
     for _ in range(args.rounds):
-        for name, make in (("calendar (DeadlineQueue)", DeadlineQueue), ("binary heap", HeapQueue)):
-            count, used = replay(make(), args.accounts, args.seconds)
-            results[name].append(used * 1e6 / count)
+        for kind in names:
+            counts[kind], used = replay(kind, args.accounts, args.seconds)
+            results[kind].append(used * 1e6 / counts[kind])
             gc.collect()
     rows = [
-        [name, f"{count:,}", " / ".join(f"{v:.2f}" for v in values)]
-        for name, values in results.items()
+        [names[kind], f"{counts[kind]:,}", " / ".join(f"{v:.2f}" for v in values)]
+        for kind, values in results.items()
     ]
-    print_table(["queue", "pops + re-arms", "CPU µs each (per round)"], rows)
+    print_table(["heartbeat checks in", "checks taken", "CPU µs each (per round)"], rows)
     return 0
 
 
