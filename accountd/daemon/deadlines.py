@@ -1,8 +1,9 @@
-"""Every account's next deadline in one queue, and the one task that fires them.
+"""Every account's next deadline, and the one task that fires them.
 
 Instead of a timer per account (what ``transitions``' ``Timeout`` states would do), each account
 has at most one pending deadline: a state deadline (``timeout``), the heartbeat check, or the
-next action of the recovery policy. They all live in ONE queue of ``(when, seq, account_id,
+next action of the recovery policy. The heartbeat checks of online accounts live in
+`HeartbeatChecks` (below); every other deadline lives in ONE queue of ``(when, seq, account_id,
 kind)`` entries. Replacing or cancelling a deadline does not search the queue: a dict maps each
 account to its *current* entry, and any other entry for that account is stale and skipped when
 its time comes (lazy invalidation).
@@ -24,12 +25,15 @@ coming due about once per timeout, the heap popped and pushed ~25,000 entries a 
 ``heappop`` some forty tuple comparisons across a 1M-entry list that no cache holds. py-spy put
 a fifth of the event loop in that one line (docs/benchmarks.md).
 
-Heartbeat checks should not be re-armed on every heartbeat (that would be 100k pushes per 15 s);
-arm one at ``entered_at + heartbeat_timeout`` and, when it fires, re-arm it at
-``last_heartbeat + heartbeat_timeout`` if a heartbeat arrived meanwhile.
+Heartbeat checks are not re-armed on every heartbeat (that would be 100k pushes per 15 s): one
+is armed at ``entered_at + heartbeat_timeout`` and, when it comes due, re-armed at
+``last_heartbeat + heartbeat_timeout`` if a heartbeat arrived meanwhile. Nearly every check is
+re-armed, so `HeartbeatChecks` holds ``(when, account)`` pairs in the same kind of calendar and
+does the check itself: no id lookup, no sequence number, no dict of live entries.
 
-`DeadlineRunner` is the single task that sleeps until the earliest deadline (woken early when an
-earlier one is set), pops what is due in batches and hands each batch to an async callback.
+`DeadlineRunner` is the single task that sleeps until the earliest deadline or check (woken
+early when an earlier one is set), takes what is due in batches and hands each batch to the
+engine's callbacks.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from accountd.daemon.clock import Clock
 from accountd.statemachine import State
@@ -61,13 +65,9 @@ _TAKEN: _Entry = (math.inf, -1, "", "")
 OnDue = Callable[[list[tuple[str, str]]], Awaitable[None]]
 OnExpired = Callable[[list[Account]], None]
 
-# (when, account): a heartbeat check (`HeartbeatChecks`).
-_Check = tuple[float, Account]
-_TAKEN_CHECK: _Check = (math.inf, Account(id="", tenant_id="", wework_guid=""))
-
-
-def _when(check: _Check) -> float:
-    return check[0]
+# (when, account_id): a heartbeat check (`HeartbeatChecks`).
+_Check = tuple[float, str]
+_TAKEN_CHECK: _Check = (math.inf, "")
 
 
 class DeadlineQueue:
@@ -121,8 +121,8 @@ class DeadlineQueue:
 
     def set_many(self, items: Iterable[tuple[str, float, str]]) -> float:
         """`set` for each ``(account_id, when, kind)``, in order; returns the earliest ``when``
-        (inf for none). The runner re-arms ~25,000 heartbeat checks a second at a million
-        accounts: one call per round instead of two per account, `_put` inlined."""
+        (inf for none). One call for many, `_put` inlined: the daemon re-armed its heartbeat
+        checks this way before `HeartbeatChecks` (`bench.deadline_queue` still replays it)."""
         live, buckets, keys, seq = self._live, self._buckets, self._keys, self._seq
         resolution, head_key = self.RESOLUTION, self._head_key
         earliest = math.inf
@@ -285,34 +285,34 @@ class HeartbeatChecks:
     account beat since, else handed back as expired. Not thread-safe.
 
     The same calendar as `DeadlineQueue` (buckets of `RESOLUTION`, the earliest sorted when
-    its time comes, a small heap for checks set at or before it), holding ``(when, account)``
-    pairs instead of ``(when, seq, id, kind)`` entries plus a dict of live ones. At a million
-    accounts beating every 15 s with a 45 s timeout, ~25,000 checks come due a second and
-    nearly all are re-armed: in the general queue each cost a pop, a ``(id, kind)`` pair, an
-    id lookup in the registry, a new 4-tuple, a sequence number and two dict writes, and
+    its time comes, a small heap for checks set at or before it), holding ``(when,
+    account_id)`` pairs instead of ``(when, seq, id, kind)`` entries plus a dict of live ones.
+    At a million accounts beating every 15 s with a 45 s timeout, ~25,000 checks come due a
+    second and nearly all are re-armed: in the general queue each cost a pop, an ``(id, kind)``
+    pair, the account's lookup, a new 4-tuple, a sequence number and two dict writes, and
     py-spy put the deadline runner at a quarter of the event loop during a mass event. Here a
-    check reads the account it holds and appends one pair: a third of the CPU
-    (`bench.deadline_queue`), and half the memory per account.
+    check is the lookup, a read of the account and one appended pair (`bench.deadline_queue`).
 
     A pair is live while the account's ``heartbeat_check`` slot holds the very float of the
     pair (an identity test); setting or discarding a check replaces or clears the slot, and the
     old pair is skipped when its time comes. Stale pairs need no compaction: each is consumed
-    within one timeout of being set.
+    within one timeout of being set. The pairs hold the id, not the account: a tuple of a float
+    and a string is untracked by the garbage collector once it survives one collection, where
+    a million tuples holding accounts stayed tracked and made a full collection take 130-150 ms
+    instead of 35-55 ms (measured in-process at 1M after every check was re-armed once).
     """
 
     RESOLUTION = DeadlineQueue.RESOLUTION
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, accounts: Mapping[str, Account]) -> None:
         self.timeout = timeout  # seconds of silence that make a heartbeat expired
+        self._accounts = accounts  # the registry the ids are looked up in
         self._buckets: dict[int, list[_Check]] = {}
         self._keys: list[int] = []  # heap of the keys of `_buckets`
         self._head: list[_Check] = []  # the earliest bucket, sorted, consumed from `_pos`
         self._head_key = _NO_KEY
         self._pos = 0
-        # (when, seq, account): set at or before the head's slice; `seq` keeps the accounts
-        # themselves from ever being compared.
-        self._early: list[tuple[float, int, Account]] = []
-        self._seq = itertools.count()
+        self._early: list[_Check] = []  # a heap: set at or before the head's slice
         self._size = 0  # pairs held, stale ones included
         #: Checks that came due so far (re-armed, expired or stale): a cost counter for tests.
         self.taken = 0
@@ -329,14 +329,14 @@ class HeartbeatChecks:
         self._size += 1
         key = int(when // self.RESOLUTION)
         if key <= self._head_key:
-            heapq.heappush(self._early, (when, next(self._seq), acc))
+            heapq.heappush(self._early, (when, acc.id))
             return
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [(when, acc)]
+            self._buckets[key] = [(when, acc.id)]
             heapq.heappush(self._keys, key)
         else:
-            bucket.append((when, acc))
+            bucket.append((when, acc.id))
 
     @staticmethod
     def discard(acc: Account) -> None:
@@ -347,18 +347,18 @@ class HeartbeatChecks:
         """The earliest pair held (live or stale), without taking it."""
         while self._pos == len(self._head):
             if not self._keys:
-                return self._early[0][::2] if self._early else None
+                return self._early[0] if self._early else None
             self._head_key = heapq.heappop(self._keys)
             self._head = self._buckets.pop(self._head_key)
-            self._head.sort(key=_when)  # by time alone: accounts do not compare
+            self._head.sort()
             self._pos = 0
         entry = self._head[self._pos]
         early = self._early
-        return early[0][::2] if early and early[0][0] < entry[0] else entry
+        return early[0] if early and early[0] < entry else entry
 
     def _drop_first(self) -> None:
         early = self._early
-        if early and (self._pos == len(self._head) or early[0][0] < self._head[self._pos][0]):
+        if early and (self._pos == len(self._head) or early[0] < self._head[self._pos]):
             heapq.heappop(early)
         else:
             self._head[self._pos] = _TAKEN_CHECK  # let it go now, not with the whole head
@@ -366,10 +366,14 @@ class HeartbeatChecks:
         self._size -= 1
         self.taken += 1
 
+    def _live(self, check: _Check) -> Account | None:
+        acc = self._accounts.get(check[1])
+        return acc if acc is not None and acc.heartbeat_check is check[0] else None
+
     def next_due(self) -> float | None:
         """When the earliest live check is due, or None when there is none."""
         while (first := self._first()) is not None:
-            if first[1].heartbeat_check is first[0]:
+            if self._live(first) is not None:
                 return first[0]
             self._drop_first()
         return None
@@ -382,6 +386,7 @@ class HeartbeatChecks:
         expired: list[Account] = []
         timeout = self.timeout
         online = State.online
+        get = self._accounts.get
         taken = 0
         while taken < limit:
             first = self._first()
@@ -392,20 +397,21 @@ class HeartbeatChecks:
                 # Set early (rare): one at a time, merged with the head in time order.
                 self._drop_first()
                 taken += 1
-                self._check(first[0], first[1], now, expired)
+                self._check(first, now, expired)
                 continue
             # The common case in a tight loop: the sorted head, nothing set early.
             buckets, resolution, head_key = self._buckets, self.RESOLUTION, self._head_key
             end = min(len(head), pos + limit - taken)
             i = pos
             while i < end:
-                when, acc = head[i]
+                when, account_id = head[i]
                 if when > now:
                     break
                 head[i] = _TAKEN_CHECK
                 i += 1
-                if acc.heartbeat_check is not when or acc.status is not online:
-                    continue  # replaced or discarded since
+                acc = get(account_id)
+                if acc is None or acc.heartbeat_check is not when or acc.status is not online:
+                    continue  # replaced, discarded or deleted since
                 last = acc.last_heartbeat
                 if last is None or last < acc.entered_at:
                     last = acc.entered_at
@@ -421,7 +427,7 @@ class HeartbeatChecks:
                     self.set(acc, due)  # a new bucket, or one at or before the head's slice
                     continue
                 acc.heartbeat_check = due
-                bucket.append((due, acc))
+                bucket.append((due, account_id))
                 self._size += 1
             self._pos = i
             self._size -= i - pos
@@ -431,8 +437,9 @@ class HeartbeatChecks:
                 break  # the next pair is not due
         return expired, taken
 
-    def _check(self, when: float, acc: Account, now: float, expired: list[Account]) -> None:
-        if acc.heartbeat_check is not when or acc.status is not State.online:
+    def _check(self, check: _Check, now: float, expired: list[Account]) -> None:
+        acc = self._live(check)
+        if acc is None or acc.status is not State.online:
             return
         last = acc.last_heartbeat
         if last is None or last < acc.entered_at:
@@ -472,7 +479,7 @@ class DeadlineRunner:
         # Heartbeat checks come due beside the queue's deadlines, in the same rounds; the
         # accounts whose check found no heartbeat go to ``on_expired`` (synchronous: it only
         # sorts them into the engine's re-check queues).
-        self.checks = checks if checks is not None else HeartbeatChecks(math.inf)
+        self.checks = checks if checks is not None else HeartbeatChecks(math.inf, {})
         self._on_expired = on_expired
         self._clock = clock
         self._batch_size = batch_size
@@ -497,9 +504,8 @@ class DeadlineRunner:
         self._busy = False
         # When the runner looks at the queue next on its own: -inf while it works through it,
         # the time it sleeps until, inf while it waits for a wake-up. `set` compares against
-        # this instead of asking the queue for its earliest deadline every time: at a million
-        # accounts the runner re-arms ~25,000 heartbeat checks a second from inside `on_due`,
-        # where no wake-up is ever needed.
+        # this instead of asking the queue for its earliest deadline every time: the engine
+        # sets deadlines from inside ``on_due`` and ``on_expired``, where no wake-up is needed.
         self._until = math.inf
 
     # -- scheduling, for the engine ---------------------------------------------------------
@@ -509,11 +515,6 @@ class DeadlineRunner:
         runner would look again."""
         self.queue.set(account_id, when, kind)
         if when < self._until:
-            self._wake.set()
-
-    def set_many(self, items: Iterable[tuple[str, float, str]]) -> None:
-        """`set` for each ``(account_id, when, kind)``, with one wake-up check."""
-        if self.queue.set_many(items) < self._until:
             self._wake.set()
 
     def check(self, acc: Account, when: float) -> None:
