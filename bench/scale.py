@@ -801,7 +801,11 @@ def table(r: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     batched = c["batched_heartbeats_rows_s"]
     rss = max(fl["rss_max"], r["rss_end"])
     hb = fl["heartbeats_s"]
-    gc_full = max(gc["full_max_s"], (r["gc_after_freeze_ms"] or 0) / 1000)
+    # 0.0 ms is a figure (nothing young is left right after the freeze); None is a log line
+    # the daemon did not write, which fails the target rather than pass it.
+    logged = r["gc_after_freeze_ms"]
+    after_freeze = float("nan") if logged is None else logged
+    gc_full = float("nan") if logged is None else max(gc["full_max_s"], logged / 1000)
     ms = 1000
     header = ["figure", "ours", "ceiling (same run)", "ratio", "target", "pass"]
     rows = [
@@ -813,7 +817,7 @@ def table(r: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         ["cold start: process start → /readyz 200", f"{r['cold_start_s']:.1f} s", "—", "—",
          "≤ 30 s", ok(r["cold_start_s"] <= TARGETS["cold_start_s"])],
         ["full GC pause (after load; longest while running)",
-         f"{r['gc_after_freeze_ms'] or float('nan'):.1f} ms; {gc['full_max_s'] * ms:.1f} ms "
+         f"{after_freeze:.1f} ms; {gc['full_max_s'] * ms:.1f} ms "
          f"({gc['full_count']:.0f} full)", "—", "—", "≤ 100 ms",
          ok(gc_full <= TARGETS["gc_full_s"])],
         ["heartbeat ingest over HTTP", f"{hb:,.0f}/s", f"{batched:,.0f} rows/s (batched UPDATE)",
