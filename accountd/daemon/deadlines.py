@@ -28,8 +28,8 @@ a fifth of the event loop in that one line (docs/benchmarks.md).
 Heartbeat checks are not re-armed on every heartbeat (that would be 100k pushes per 15 s): one
 is armed at ``entered_at + heartbeat_timeout`` and, when it comes due, re-armed at
 ``last_heartbeat + heartbeat_timeout`` if a heartbeat arrived meanwhile. Nearly every check is
-re-armed, so `HeartbeatChecks` holds ``(when, account)`` pairs in the same kind of calendar and
-does the check itself: no id lookup, no sequence number, no dict of live entries.
+re-armed, so `HeartbeatChecks` holds ``(when, account_id)`` pairs in the same kind of calendar
+and does the check itself: no sequence number, no dict of live entries, no pair handed out.
 
 `DeadlineRunner` is the single task that sleeps until the earliest deadline or check (woken
 early when an earlier one is set), takes what is due in batches and hands each batch to the
