@@ -12,8 +12,8 @@ second at a million accounts). This replays that: ``--accounts`` online accounts
 fixed rotation (not timed), then ``--seconds`` of simulated time in 10 ms steps, each step
 taking what is due in rounds of 5,000. It prints CPU µs per check taken for:
 
-* `HeartbeatChecks.sweep` (the daemon since 2026-12-04): ``(when, account_id)`` pairs,
-  checked and re-armed in place;
+* `HeartbeatChecks.sweep` (the daemon since 2026-12-04): each check a time and an account id
+  in a bucket's parallel lists, checked and re-armed in place;
 * `DeadlineQueue` (the daemon before): ``pop_due``, the account looked up by id and checked,
   the re-arms in one ``set_many``, as `Supervisor._on_due` did;
 * `HeapQueue` below, the binary heap with lazy invalidation used before the calendar (one

@@ -458,7 +458,7 @@ def test_a_check_re_arms_an_account_that_beat_and_hands_back_one_that_did_not() 
     assert checks.next_due() == T0 + 45
     assert checks.sweep(T0 + 44.9) == ([], 0)
     expired, taken = checks.sweep(T0 + 45)
-    assert taken == 3 and expired == [never, silent]  # one instant: in the order of their ids
+    assert taken == 3 and expired == [silent, never]  # one instant: in the order set
     assert silent.heartbeat_check is None and never.heartbeat_check is None
     assert beating.heartbeat_check == T0 + 75 and checks.next_due() == T0 + 75
     assert checks.sweep(T0 + 75) == ([beating], 1)
@@ -563,7 +563,7 @@ def test_heartbeat_checks_agree_with_a_model_under_random_use() -> None:
         assert live == model
 
 
-def test_a_deleted_account_is_skipped_and_pairs_are_left_to_reference_counting() -> None:
+def test_a_deleted_account_is_skipped_and_re_arms_leave_nothing_for_the_collector() -> None:
     reg = Registry()
     kept, deleted = reg.online("kept"), reg.online("deleted")
     checks = HeartbeatChecks(45.0, reg)
@@ -573,12 +573,18 @@ def test_a_deleted_account_is_skipped_and_pairs_are_left_to_reference_counting()
     checks.set(deleted, T0 + 10)
     del reg["deleted"]  # `Supervisor.forget`: no longer in the registry
     assert checks.sweep(T0 + 10) == ([kept], 2)
-    # A million pairs live at all times: tuples of a float and a string are untracked by the
-    # collector once they survive one collection, so a full collection never walks them.
+    # A million checks re-armed every 30-45 s: a re-arm that made a tracked object (a tuple)
+    # would leave a million of them for the next collection to walk.
     gc.collect()
-    pairs = checks._head[checks._pos :] + [p for b in checks._buckets.values() for p in b]
-    assert len(pairs) == 1000 and not any(gc.is_tracked(pair) for pair in pairs)
-    assert checks.next_due() == T0 + 30
+    gc.disable()
+    try:
+        young = len(gc.get_objects(generation=0))
+        assert checks.sweep(T0 + 31) == ([], 1000)  # each beat at T0: re-armed at T0 + 45
+        made = len(gc.get_objects(generation=0)) - young
+    finally:
+        gc.enable()
+    assert made < 20  # the new bucket and the sorted head, not one per check
+    assert checks.next_due() == T0 + 45 and len(checks) == 1000
 
 
 def test_a_sweep_costs_what_comes_due_not_what_is_watched() -> None:

@@ -65,9 +65,8 @@ _TAKEN: _Entry = (math.inf, -1, "", "")
 OnDue = Callable[[list[tuple[str, str]]], Awaitable[None]]
 OnExpired = Callable[[list[Account]], None]
 
-# (when, account_id): a heartbeat check (`HeartbeatChecks`).
+# (when, account_id): a heartbeat check taken out of `HeartbeatChecks` (the rare paths).
 _Check = tuple[float, str]
-_TAKEN_CHECK: _Check = (math.inf, "")
 
 
 class DeadlineQueue:
@@ -285,21 +284,25 @@ class HeartbeatChecks:
     account beat since, else handed back as expired. Not thread-safe.
 
     The same calendar as `DeadlineQueue` (buckets of `RESOLUTION`, the earliest sorted when
-    its time comes, a small heap for checks set at or before it), holding ``(when,
-    account_id)`` pairs instead of ``(when, seq, id, kind)`` entries plus a dict of live ones.
+    its time comes, a small heap for checks set at or before it), holding each check as a time
+    and an account id instead of ``(when, seq, id, kind)`` entries plus a dict of live ones.
     At a million accounts beating every 15 s with a 45 s timeout, ~25,000 checks come due a
     second and nearly all are re-armed: in the general queue each cost a pop, an ``(id, kind)``
     pair, the account's lookup, a new 4-tuple, a sequence number and two dict writes, and
     py-spy put the deadline runner at a quarter of the event loop during a mass event. Here a
-    check is the lookup, a read of the account and one appended pair (`bench.deadline_queue`).
+    check is the lookup, a read of the account and two appends (`bench.deadline_queue`).
 
-    A pair is live while the account's ``heartbeat_check`` slot holds the very float of the
-    pair (an identity test); setting or discarding a check replaces or clears the slot, and the
-    old pair is skipped when its time comes. Stale pairs need no compaction: each is consumed
-    within one timeout of being set. The pairs hold the id, not the account: a tuple of a float
-    and a string is untracked by the garbage collector once it survives one collection, where
-    a million tuples holding accounts stayed tracked and made a full collection take 130-150 ms
-    instead of 44-47 ms (measured in-process at 1M after every check was re-armed once).
+    A check is live while the account's ``heartbeat_check`` slot holds the very float of the
+    check (an identity test); setting or discarding a check replaces or clears the slot, and
+    the old one is skipped when its time comes. Stale checks need no compaction: each is
+    consumed within one timeout of being set.
+
+    A bucket is two parallel lists, times and ids, not a list of ``(when, id)`` pairs: a
+    re-arm then allocates nothing the garbage collector tracks (a float and a string are not
+    tracked; a tuple is, until a collection looks at it). Re-arms free what they replace, so
+    in the steady state no collection is triggered for minutes, and the first one then walked
+    every pair made since: a full collection after 30 s of re-arms at a million accounts took
+    159-160 ms with pairs, 49 ms with the lists (`bench.deadline_queue`, one machine).
     """
 
     RESOLUTION = DeadlineQueue.RESOLUTION
@@ -307,18 +310,20 @@ class HeartbeatChecks:
     def __init__(self, timeout: float, accounts: Mapping[str, Account]) -> None:
         self.timeout = timeout  # seconds of silence that make a heartbeat expired
         self._accounts = accounts  # the registry the ids are looked up in
-        self._buckets: dict[int, list[_Check]] = {}
+        self._buckets: dict[int, tuple[list[float], list[str]]] = {}
         self._keys: list[int] = []  # heap of the keys of `_buckets`
-        self._head: list[_Check] = []  # the earliest bucket, sorted, consumed from `_pos`
+        # The earliest bucket, sorted by time, consumed from `_pos`.
+        self._head_when: list[float] = []
+        self._head_ids: list[str] = []
         self._head_key = _NO_KEY
         self._pos = 0
         self._early: list[_Check] = []  # a heap: set at or before the head's slice
-        self._size = 0  # pairs held, stale ones included
+        self._size = 0  # checks held, stale ones included
         #: Checks that came due so far (re-armed, expired or stale): a cost counter for tests.
         self.taken = 0
 
     def __len__(self) -> int:
-        """Pairs held, stale ones included (live ones are at most one per online account)."""
+        """Checks held, stale ones included (live ones are at most one per online account)."""
         return self._size
 
     def set(self, acc: Account, when: float) -> None:
@@ -333,10 +338,11 @@ class HeartbeatChecks:
             return
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [(when, acc.id)]
+            self._buckets[key] = ([when], [acc.id])
             heapq.heappush(self._keys, key)
         else:
-            bucket.append((when, acc.id))
+            bucket[0].append(when)
+            bucket[1].append(acc.id)
 
     @staticmethod
     def discard(acc: Account) -> None:
@@ -344,25 +350,30 @@ class HeartbeatChecks:
         acc.heartbeat_check = None
 
     def _first(self) -> _Check | None:
-        """The earliest pair held (live or stale), without taking it."""
-        while self._pos == len(self._head):
+        """The earliest check held (live or stale), without taking it."""
+        while self._pos == len(self._head_when):
             if not self._keys:
                 return self._early[0] if self._early else None
             self._head_key = heapq.heappop(self._keys)
-            self._head = self._buckets.pop(self._head_key)
-            self._head.sort()
+            times, ids = self._buckets.pop(self._head_key)
+            # Sorted by time alone (ties stay in the order set), through the indices: the
+            # sorted lists are the only objects made.
+            order = sorted(range(len(times)), key=times.__getitem__)
+            self._head_when = [times[i] for i in order]
+            self._head_ids = [ids[i] for i in order]
             self._pos = 0
-        entry = self._head[self._pos]
+        entry = (self._head_when[self._pos], self._head_ids[self._pos])
         early = self._early
-        return early[0] if early and early[0] < entry else entry
+        return early[0] if early and early[0][0] < entry[0] else entry
 
     def _drop_first(self) -> None:
         early = self._early
-        if early and (self._pos == len(self._head) or early[0] < self._head[self._pos]):
+        pos = self._pos
+        if early and (pos == len(self._head_when) or early[0][0] < self._head_when[pos]):
             heapq.heappop(early)
         else:
-            self._head[self._pos] = _TAKEN_CHECK  # let it go now, not with the whole head
-            self._pos += 1
+            self._head_when[pos] = math.inf  # let the float go now, not with the whole head
+            self._pos = pos + 1
         self._size -= 1
         self.taken += 1
 
@@ -387,29 +398,30 @@ class HeartbeatChecks:
         timeout = self.timeout
         online = State.online
         get = self._accounts.get
+        inf = math.inf
         taken = 0
         while taken < limit:
             first = self._first()
             if first is None or first[0] > now:
                 break
-            head, pos = self._head, self._pos
-            if self._early or head[pos] is not first:
+            if self._early:
                 # Set early (rare): one at a time, merged with the head in time order.
                 self._drop_first()
                 taken += 1
                 self._check(first, now, expired)
                 continue
             # The common case in a tight loop: the sorted head, nothing set early.
+            times, ids, pos = self._head_when, self._head_ids, self._pos
             buckets, resolution, head_key = self._buckets, self.RESOLUTION, self._head_key
-            end = min(len(head), pos + limit - taken)
+            end = min(len(times), pos + limit - taken)
             i = pos
             while i < end:
-                when, account_id = head[i]
+                when = times[i]
                 if when > now:
                     break
-                head[i] = _TAKEN_CHECK
+                times[i] = inf
+                acc = get(ids[i])
                 i += 1
-                acc = get(account_id)
                 if acc is None or acc.heartbeat_check is not when or acc.status is not online:
                     continue  # replaced, discarded or deleted since
                 last = acc.last_heartbeat
@@ -427,14 +439,15 @@ class HeartbeatChecks:
                     self.set(acc, due)  # a new bucket, or one at or before the head's slice
                     continue
                 acc.heartbeat_check = due
-                bucket.append((due, account_id))
+                bucket[0].append(due)
+                bucket[1].append(acc.id)
                 self._size += 1
             self._pos = i
             self._size -= i - pos
             self.taken += i - pos
             taken += i - pos
             if i < end:
-                break  # the next pair is not due
+                break  # the next check is not due
         return expired, taken
 
     def _check(self, check: _Check, now: float, expired: list[Account]) -> None:
