@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -142,45 +141,6 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
     assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
 
 
-async def test_a_normal_change_gets_a_slot_of_its_own_while_a_mass_event_fills_the_pipeline(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if rig.dbs.dialect("platform") != "mysql":
-        pytest.skip("the normal lane's slot is MySQL/MariaDB's: SQLite has one writer")
-    now = rig.clock.now()
-    bulk_ids = await rig.insert([State.online] * 40, heartbeat=now)
-    (other,) = await rig.insert([State.online], heartbeat=now)
-    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=10)
-    assert sup.door.pipeline == 2 and sup.door.normal_slot
-    await sup.load()
-    await sup.start()
-    # The mass's batches are held before their transaction (a database busy with them), so
-    # both of the pipeline's slots stay taken.
-    gate = asyncio.Event()
-    apply = sup.door.repo.apply_transitions
-    mass = set(bulk_ids)
-
-    async def held(requests: list[TransitionRequest]) -> list[Any]:
-        if any(r.account_id in mass for r in requests):
-            await gate.wait()
-        return await apply(requests)
-
-    monkeypatch.setattr(sup.door.repo, "apply_transitions", held)
-    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
-    futures = sup.door.fire_many(bulk, bulk=True)
-    while sup.door.in_flight < 2:
-        await asyncio.sleep(0.01)
-    late = sup.door.fire(Change(other, Trigger.logged_out, "fired during the mass"))
-    # Committed in a batch of its own, of normal changes only, while the mass cannot move;
-    # without the slot it waited for a batch of the mass to finish.
-    assert await asyncio.wait_for(late, 10) is ItemResult.APPLIED
-    assert not any(f.done() for f in futures) and sup.door.in_flight == 2
-    gate.set()
-    assert set(await asyncio.wait_for(asyncio.gather(*futures), 60)) == {ItemResult.APPLIED}
-    await settle(sup, rig.clock)
-    assert sup.counts[State.offline] == 41
-
-
 def test_bulk_changes_must_be_guarded() -> None:
     async def check() -> None:
         from accountd.daemon.door import Door
@@ -238,43 +198,3 @@ async def test_only_deadlines_crowded_into_one_instant_count_as_a_mass_event(rig
     sup._queue_stale([sup.accounts[i] for i in crowd + clump + spread])
     assert [a.id for a in sup._stale_mass[0]] == crowd
     assert [a.id for a in sup._stale_small[0]] == clump + spread
-
-
-async def test_a_small_round_is_re_checked_while_a_mass_events_re_check_waits(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    t0 = rig.clock.now()
-    crowd = await rig.insert([State.online] * (MASS_EVENT + 10), heartbeat=t0 - 700)
-    (other,) = await rig.insert([State.online], heartbeat=t0 - 700)
-    sup = rig.supervisor(QUIET, startup_grace=600)
-    await sup.load()
-    for account_id in [*crowd, other]:
-        acc = sup.accounts[account_id]
-        acc.entered_at = t0 - 800
-        # The crowd went silent in one instant (a mass event); `other` in another slice.
-        acc.last_heartbeat = t0 - (690 if account_id == other else 700)
-    # The mass's re-check is held (a database busy with the mass), the small one's is not.
-    gate = asyncio.Event()
-    fresh = sup.repo.fresh_heartbeats
-
-    async def held(ids: list[str], since: float) -> dict[str, float]:
-        if len(ids) > 1:
-            await gate.wait()
-        return await fresh(ids, since)
-
-    monkeypatch.setattr(sup.repo, "fresh_heartbeats", held)
-    await sup.start()
-    sup._queue_stale([sup.accounts[i] for i in crowd])
-    while not sup._stale_checking:
-        await asyncio.sleep(0.01)  # the mass's re-check is under way (and held)
-    sup._queue_stale([sup.accounts[other]])
-    for _ in range(500):
-        if sup.accounts[other].status is State.offline:
-            break
-        await asyncio.sleep(0.01)
-    # One task for both kinds of round kept `other` waiting behind the mass's re-check.
-    assert sup.accounts[other].status is State.offline
-    assert all(sup.accounts[i].status is State.online for i in crowd)
-    gate.set()
-    await settle(sup, rig.clock)
-    assert sup.counts[State.offline] == len(crowd) + 1

@@ -25,10 +25,6 @@ Throughput at scale (docs/benchmarks.md) comes from three things:
 * **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
   every batch takes the normal lane first and fills up from the bulk lane. A mass event then
   runs at full speed without delaying anyone else's change by more than about one batch.
-* **A slot for the normal lane** (``normal_slot``, with ``pipeline`` > 1). While a mass event
-  fills every slot of the pipeline, one more batch may be in flight if it holds normal changes
-  only: someone else's change then waits neither for a slot nor behind hundreds of bulk changes
-  in its own batch.
 """
 
 from __future__ import annotations
@@ -164,7 +160,6 @@ class Door:
         batch_size: int = 500,
         max_batch: int | None = None,
         pipeline: int = 1,
-        normal_slot: bool = False,
         max_pending: int = 200_000,
     ) -> None:
         if batch_size < 1 or pipeline < 1:
@@ -175,15 +170,12 @@ class Door:
         # A backlog in the bulk lane alone is taken in bigger bites (fewer, larger statements).
         self.max_batch = max(batch_size, max_batch if max_batch is not None else 2 * batch_size)
         self.pipeline = pipeline
-        self.normal_slot = normal_slot
         self.max_pending = max_pending
         self._queue: deque[Change | _Exclusive] = deque()
         self._bulk: deque[Change] = deque()
         # Batches being committed, and the accounts in them (at most one batch per account).
         self._inflight: set[asyncio.Task[None]] = set()
         self._busy: set[str] = set()
-        # The batch in flight on the normal lane's own slot (`normal_slot`), if any.
-        self._normal_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -321,11 +313,6 @@ class Door:
                     if batch:
                         self._start(batch)
                         continue
-                elif self._queue and self.normal_slot and self._normal_task is None:
-                    batch = self._take_batch(normal_only=True)
-                    if batch:
-                        self._normal_task = self._start(batch)
-                        continue
                 if not self._inflight and not self._queue and not self._bulk:
                     self._idle.set()
                 # New changes, and every batch that finishes, set the event.
@@ -345,17 +332,14 @@ class Door:
             return True
         return bool(self._bulk) and (not self._inflight or len(self._bulk) >= self.batch_size)
 
-    def _start(self, batch: list[Change]) -> asyncio.Task[None]:
+    def _start(self, batch: list[Change]) -> None:
         self._busy.update(c.account_id for c in batch)
         task = asyncio.create_task(self._commit_batch(batch), name="accountd-door-batch")
         self._inflight.add(task)
         task.add_done_callback(self._batch_done)
-        return task
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        if task is self._normal_task:
-            self._normal_task = None
         self._wakeup.set()
 
     async def _commit_batch(self, batch: list[Change]) -> None:
@@ -390,9 +374,8 @@ class Door:
         waiting = [c for c in batch if c.future is None or not c.future.done()]
         self._queue.extendleft(reversed(waiting))
 
-    def _take_batch(self, *, normal_only: bool = False) -> list[Change]:
-        """The next batch: the normal lane first, then the bulk lane (unless ``normal_only``);
-        one change per account.
+    def _take_batch(self) -> list[Change]:
+        """The next batch: the normal lane first, then the bulk lane; one change per account.
 
         Changes of accounts already in the batch or in a batch being committed stay where they
         are and wait their turn.
@@ -403,8 +386,7 @@ class Door:
         batch: list[Change] = []
         seen = self._busy.copy()
         exclusive_ahead = False
-        lanes = (self._queue,) if normal_only else (self._queue, self._bulk)
-        for lane in lanes:
+        for lane in (self._queue, self._bulk):
             deferred: list[Change | _Exclusive] = []
             # Bounded: a lane full of one busy account's changes must not cost a full scan.
             budget = 4 * limit

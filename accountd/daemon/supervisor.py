@@ -159,12 +159,10 @@ class Supervisor:
             checks=self.checks,
             on_expired=self._on_expired,
         )
-        # Two transactions in flight overlap our Python with the server's work, and a third
-        # for normal changes alone while a mass event fills both; SQLite has a single writer,
-        # so a second one would only wait for the lock.
-        mysql = repo.dialect == "mysql"
+        # Two transactions in flight overlap our Python with the server's work; SQLite has a
+        # single writer, so a second one would only wait for the lock.
         self.door = Door(
-            repo, self, batch_size=batch_size, pipeline=2 if mysql else 1, normal_slot=mysql
+            repo, self, batch_size=batch_size, pipeline=2 if repo.dialect == "mysql" else 1
         )
         self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
         self.mass = MassOfflineDetector(
@@ -205,14 +203,12 @@ class Supervisor:
         self._recover_queue: deque[tuple[str, str, int]] = deque()
         self.calls = WorkerCalls(worker, repo, self._worker_failed, concurrency=worker_concurrency)
         # Accounts whose heartbeat deadline passed, waiting for the database re-check (see
-        # `_check_stale`): a task for a mass event's rounds and one for the rest, so that a
-        # mass event's rounds cannot hold the others up.
+        # `_check_stale`): small rounds first, so a mass event's rounds cannot hold them up.
         self._stale_small: deque[list[Account]] = deque()
         self._stale_mass: deque[list[Account]] = deque()
-        self._small_wakeup = asyncio.Event()
-        self._mass_wakeup = asyncio.Event()
-        self._stale_tasks: list[asyncio.Task[None]] = []
-        self._stale_checking = 0  # rounds being re-checked right now
+        self._stale_wakeup = asyncio.Event()
+        self._stale_task: asyncio.Task[None] | None = None
+        self._stale_busy = False
         self._internal: set[asyncio.Future[ItemResult]] = set()
         # Stalls and database outages (accountd.daemon.outage): checks that fell while the daemon
         # was deaf are moved instead of fired. Set by the daemon; None in bare engine tests.
@@ -255,30 +251,20 @@ class Supervisor:
 
     async def start(self) -> None:
         self.door.start()
-        self._stale_tasks = [
-            asyncio.create_task(
-                self._check_stale(self._stale_small, self._small_wakeup, mass=False),
-                name="accountd-stale-check",
-            ),
-            asyncio.create_task(
-                self._check_stale(self._stale_mass, self._mass_wakeup, mass=True),
-                name="accountd-stale-check-mass",
-            ),
-        ]
+        self._stale_task = asyncio.create_task(self._check_stale(), name="accountd-stale-check")
         await self.runner.start()
         await self.calls.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish in-flight transitions (bounded), flush heartbeats, stop every task."""
         await self.runner.stop()
-        # Candidates not yet re-checked are dropped: after a restart their deadlines are
-        # restored from the heartbeat times (plus the start-up grace) and fire again.
-        for task in self._stale_tasks:
-            task.cancel()
-        for task in self._stale_tasks:
+        if self._stale_task is not None:
+            # Candidates not yet re-checked are dropped: after a restart their deadlines are
+            # restored from the heartbeat times (plus the start-up grace) and fire again.
+            self._stale_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._stale_tasks = []
+                await self._stale_task
+            self._stale_task = None
         await self.door.drain(grace)
         await self.door.stop()
         await self.calls.stop()
@@ -630,50 +616,40 @@ class Supervisor:
         rest: list[Account] = []
         for acc, k in zip(stale, slices, strict=True):
             (mass if crowd[k] >= MASS_EVENT else rest).append(acc)
-        # The database re-checks run in tasks of their own: awaited here, a mass event's
-        # re-checks (one query per round) held up every later deadline of everyone else.
         if mass:
             self._stale_mass.append(mass)
-            self._mass_wakeup.set()
         if rest:
             self._stale_small.append(rest)
-            self._small_wakeup.set()
+        # The database re-check runs in its own task: awaited here, a mass event's re-checks
+        # (one query per round) held up every later deadline of everyone else.
+        self._stale_busy = True
+        self._stale_wakeup.set()
 
     @property
     def busy(self) -> bool:
         """Deadlines being handled or heartbeat losses being re-checked (tests settle on it)."""
-        return (
-            self.runner.busy
-            or bool(self._stale_small or self._stale_mass)
-            or self._stale_checking > 0
-        )
+        return self.runner.busy or self._stale_busy
 
-    async def _check_stale(
-        self, rounds: deque[list[Account]], wakeup: asyncio.Event, *, mass: bool
-    ) -> None:
-        """Re-check and fire the heartbeat losses of one kind of round (`_queue_stale`).
-
-        Two of these run: a mass event's rounds and the rest. With one task the others waited
-        behind each mass re-check (5,000 primary-key lookups on a database busy committing the
-        mass), and that wait came on top of the door's.
-        """
+    async def _check_stale(self) -> None:
+        """Re-check and fire heartbeat losses, small rounds before a mass event's rounds."""
         while True:
-            if not rounds:
-                wakeup.clear()
-                await wakeup.wait()
+            if not self._stale_small and not self._stale_mass:
+                self._stale_busy = False
+                self._stale_wakeup.clear()
+                await self._stale_wakeup.wait()
                 continue
-            stale = rounds.popleft()
+            mass = not self._stale_small
             if mass:
                 # Several rounds of a mass event in one re-check: fewer round trips.
-                while rounds and len(stale) < MASS_CHECK:
-                    stale += rounds.popleft()
-            self._stale_checking += 1
+                stale = self._stale_mass.popleft()
+                while self._stale_mass and len(stale) < MASS_CHECK:
+                    stale += self._stale_mass.popleft()
+            else:
+                stale = self._stale_small.popleft()
             try:
                 await self._heartbeat_lost(stale, self.clock.now(), bulk=mass)
             except Exception:  # boundary: one bad round must not stop detection for everyone
                 log.exception("heartbeat-loss check of %d accounts failed", len(stale))
-            finally:
-                self._stale_checking -= 1
 
     def _try_recover(self, acc: Account, kind: str, now: float) -> None:
         if acc.paused:
