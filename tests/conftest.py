@@ -29,8 +29,9 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     connection left open) then fails that very test, by name. Without it a leak surfaced at
     some later collection, in whatever test happened to trigger one; in a CI run on 2026-12-04
     that was a static check inside `ast.parse`, where CPython 3.11.7 turned the finalizer's
-    warning into ``SystemError: AST constructor recursion depth mismatch``. It costs nothing
-    measurable (the whole suite ran in 551 s with a collection after each test, 576 s without).
+    warning into ``SystemError: AST constructor recursion depth mismatch``. It costs little:
+    the whole suite ran in 551-598 s with a collection after each test, 563-576 s in earlier
+    runs without it (different machines, the same day).
     """
     yield
     gc.collect()
