@@ -18,7 +18,11 @@ figure runs for ``--seconds`` on one connection unless its name says otherwise:
 - grouped transitions: per transaction of 500 accounts one ``SELECT … FOR UPDATE``, one
   ``UPDATE … WHERE id IN (…) AND status=?`` and one multi-row ``INSERT`` of 500 log rows;
 - grouped + supervision: the same plus the multi-row upsert of 500 supervision rows, which the
-  engine writes with every transition (informational: the target is set against the line above).
+  engine writes with every transition of a small batch (informational: the target is set
+  against the line above);
+- grouped + journal: the same as "grouped" plus one ``accountd_supervision_journal`` row holding
+  the 500 supervision rows as JSON, which is what the engine writes for a large batch
+  (informational).
 
 ``bench.engine`` runs this module in a child process at the start of its own run, so its figures
 stand beside ceilings measured on the same machine minutes apart.
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import datetime as dt
 import itertools
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +44,7 @@ from sqlalchemy import bindparam, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from accountd.adapters.batch_sql import SUPERVISION_COLUMNS
 from bench.common import (
     Group,
     add_db_argument,
@@ -54,6 +60,8 @@ from bench.common import (
 IN_CHUNK = 1000
 HEARTBEAT_STATEMENTS_PER_TXN = 10
 GROUP = 500
+# The journal's columns, in the order `AccountRepository` writes them.
+JOURNAL_COLUMNS = list(SUPERVISION_COLUMNS)
 CONCURRENT = 8
 # After a bulk insert the server flushes and purges for a while: let it, before measuring.
 SETTLE = 3.0
@@ -216,7 +224,12 @@ def _upsert_sql(dialect: str, n: int) -> str:
 
 
 async def grouped_transitions(
-    engine: AsyncEngine, ids: Sequence[str], seconds: float, *, supervision: bool
+    engine: AsyncEngine,
+    ids: Sequence[str],
+    seconds: float,
+    *,
+    supervision: bool,
+    journal: bool = False,
 ) -> float:
     """Set-based transitions, 500 accounts per transaction, all going the same way."""
     lock_sql = "SELECT id, status FROM wework_accounts WHERE id IN :ids"
@@ -232,6 +245,10 @@ async def grouped_transitions(
         f"VALUES {values}"
     )
     upsert = text(_upsert_sql(engine.dialect.name, GROUP))
+    journal_insert = text(
+        "INSERT INTO accountd_supervision_journal (row_count, entries, created_at) "
+        "VALUES (:n, :entries, :now)"
+    )
     logs = LogIds()
     chunks = [list(ids[i : i + GROUP]) for i in range(0, len(ids) - GROUP + 1, GROUP)]
     status = ["online"] * len(chunks)
@@ -277,6 +294,16 @@ async def grouped_transitions(
                         f"updated_at_{i}": now,
                     }
                 await conn.execute(upsert, sup)
+            if journal:
+                when = utcnow().isoformat(" ", "microseconds")
+                rows = [
+                    [a, new, when, 0, 0, "recover", when, None, "[]", False, None, log_id, 0, when]
+                    for a, log_id in zip(chunk, log_ids, strict=True)
+                ]
+                entries = json.dumps({"columns": JOURNAL_COLUMNS, "rows": rows})
+                await conn.execute(
+                    journal_insert, {"n": len(rows), "entries": entries, "now": utcnow()}
+                )
             await conn.commit()
             status[k] = new
             done += len(chunk)
@@ -311,6 +338,10 @@ async def measure(urls: dict[str, str], ids: Sequence[str], seconds: float) -> d
         out["grouped_transitions_supervision_s"] = await grouped_transitions(
             engine, ids, seconds, supervision=True
         )
+        await _all_online(engine)
+        out["grouped_transitions_journal_s"] = await grouped_transitions(
+            engine, ids, seconds, supervision=False, journal=True
+        )
         return out
     finally:
         await engine.dispose()
@@ -324,6 +355,10 @@ LABELS = {
     "grouped_transitions_s": ("grouped transitions, 500 per transaction", "transitions/s"),
     "grouped_transitions_supervision_s": (
         "grouped transitions + supervision upsert, 500 per txn",
+        "transitions/s",
+    ),
+    "grouped_transitions_journal_s": (
+        "grouped transitions + one supervision journal row, 500 per txn",
         "transitions/s",
     ),
     "commit_latency_p50_ms": ("1-transition transaction latency p50", "ms"),

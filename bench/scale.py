@@ -985,7 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ceilings: naive {c['naive_heartbeats_rows_s']:,.0f} rows/s; batched "
         f"{c['batched_heartbeats_rows_s']:,.0f} rows/s; single transition "
         f"{c['single_transitions_s']:,.0f}/s; grouped {c['grouped_transitions_s']:,.0f}/s; "
-        f"grouped + supervision {c['grouped_transitions_supervision_s']:,.0f}/s"
+        f"grouped + supervision {c['grouped_transitions_supervision_s']:,.0f}/s; grouped + "
+        f"journal {c.get('grouped_transitions_journal_s', float('nan')):,.0f}/s"
     )  # fmt: skip
     if args.json:
         dump_json(args.json, report)

@@ -174,6 +174,8 @@ async def test_two_batches_in_flight_keep_each_accounts_changes_in_order(rig: Ri
     for account_id in ids[:: n // 20]:
         chain = [(m["old_status"], m["new_status"]) for m in await rig.logs(account_id)]
         assert chain == [("verifying", "online"), ("online", "offline")]
+    # Batches of 200 write their supervision rows to the journal; folded, in order:
+    assert await sup.fold_journal() > 0
     s = accountd_supervision
     async with rig.dbs.platform.connect() as conn:
         statuses = {r[0] for r in await conn.execute(select(s.c.status))}

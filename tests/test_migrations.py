@@ -23,7 +23,7 @@ from tests.conftest import sqlite_urls
 from tests.seed_sql import parse_seed
 
 SEED = parse_seed()
-HEADS = {"core": "core_0001", "platform": "platform_0002", "analytics": "analytics_0001"}
+HEADS = {"core": "core_0001", "platform": "platform_0003", "analytics": "analytics_0001"}
 
 
 def _objects(conn: Connection) -> set[str]:
@@ -210,3 +210,26 @@ async def test_platform_0002_drops_the_unread_supervision_index_and_0001_has_it(
     assert await _supervision_indexes(db_urls["platform"]) == {name}
     await migrate.upgrade(db_urls)
     assert await _supervision_indexes(db_urls["platform"]) == set()
+
+
+async def _platform_tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def test_platform_0003_adds_the_supervision_journal_and_0001_does_not(
+    db_urls: dict[str, str],
+) -> None:
+    """The first revision leaves the journal out (it builds from today's MetaData), 0003 adds
+    it, and the way back drops it again."""
+    journal = "accountd_supervision_journal"
+    await migrate.upgrade(db_urls, "platform_0002")
+    assert journal not in await _platform_tables(db_urls["platform"])
+    await migrate.upgrade(db_urls)
+    assert journal in await _platform_tables(db_urls["platform"])
+    await migrate.downgrade(db_urls, "platform_0002")
+    assert journal not in await _platform_tables(db_urls["platform"])

@@ -379,6 +379,12 @@ DAEMON_COLUMNS = {
         ("renewed_at", ("DATETIME",), False),
         ("expires_at", ("DATETIME",), False),
     ],
+    "accountd_supervision_journal": [
+        ("id", ("BIGINT",), False),  # SQLite: INTEGER, its rowid (see `daemon_type`)
+        ("row_count", ("INT",), False),
+        ("entries", ("MEDIUMTEXT",), False),  # SQLite: TEXT
+        ("created_at", ("DATETIME",), False),
+    ],
 }
 
 
@@ -388,6 +394,12 @@ def daemon_type(info: dict[str, Any], column: dict[str, Any], backend: str) -> t
         if backend == "mysql":
             assert isinstance(t, mysql.DATETIME) and t.fsp == 6, column
         return ("DATETIME",)
+    if column["name"] == "entries" and backend == "sqlite" and isinstance(t, sa.Text):
+        return ("MEDIUMTEXT",)  # the MySQL variant of the journal's column
+    if isinstance(t, mysql.MEDIUMTEXT):
+        return ("MEDIUMTEXT",)
+    if column["name"] == "id" and backend == "sqlite" and isinstance(t, sa.Integer):
+        return ("BIGINT",)  # the MySQL variant; SQLite's INTEGER PRIMARY KEY is its rowid
     return actual_type(info, column)
 
 

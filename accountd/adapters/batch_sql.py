@@ -130,12 +130,20 @@ def insert_logs(b: Binds, rows: Iterable[Sequence[Any]]) -> str:
 
 
 def upsert_supervision(
-    b: Binds, rows: Iterable[Sequence[Any]], dialect: str, *, mysql_alias: bool = False
+    b: Binds,
+    rows: Iterable[Sequence[Any]],
+    dialect: str,
+    *,
+    mysql_alias: bool = False,
+    columns: Sequence[str] = SUPERVISION_COLUMNS,
 ) -> str:
-    """One multi-row insert-or-update of accountd_supervision (`SUPERVISION_COLUMNS` order)."""
+    """One multi-row insert-or-update of accountd_supervision (values in ``columns`` order,
+    ``account_id`` first; the other columns of an existing row are left as they are)."""
+    if columns[0] != "account_id" or not set(columns) <= set(SUPERVISION_COLUMNS):
+        raise ValueError(f"not supervision columns led by account_id: {list(columns)}")
     values = ", ".join([b.row(r) for r in rows])
-    sql = f"INSERT INTO accountd_supervision ({', '.join(SUPERVISION_COLUMNS)}) VALUES {values}"  # noqa: S608
-    rest = SUPERVISION_COLUMNS[1:]
+    sql = f"INSERT INTO accountd_supervision ({', '.join(columns)}) VALUES {values}"  # noqa: S608
+    rest = columns[1:]
     if dialect != "mysql":
         return f"{sql} ON CONFLICT (account_id) DO UPDATE SET " + ", ".join(
             f"{c} = excluded.{c}" for c in rest

@@ -6,7 +6,8 @@ after the fact. Three kinds of check:
 * **status log** (``wework_platform``): every account's status is the ``new_status`` of its
   last ``account_status_logs`` row, each row's ``old_status`` is the previous row's
   ``new_status``, no decision is logged twice in a row, and the daemon's
-  ``accountd_supervision`` row agrees with the account's status;
+  ``accountd_supervision`` row agrees with the account's status (or, for an account with a
+  row in ``accountd_supervision_journal`` not folded yet, its newest journaled status does);
 * **orphans** inside one database, where partitioning made MySQL drop the foreign key
   (``message_records``, ``operation_logs``; docs/schema.md);
 * **cross-database references**: ``tenant_id`` into ``saas_unified_core.tenants`` and
@@ -15,7 +16,9 @@ after the fact. Three kinds of check:
 Every check is set-based SQL that works on SQLite and MariaDB and keeps nothing but a page of
 ids in memory: a check inside one database is one query (run twice: a ``COUNT(*)`` and the first
 `limit` ids). A cross-database check cannot join, so it walks the distinct referenced values
-in keyset-paged chunks (`page_size`) and asks the other database which of them exist.
+in keyset-paged chunks (`page_size`) and asks the other database which of them exist. The one
+exception: while the supervision journal holds rows, the supervision check reads the journal
+and the mismatching ids in full (at most the accounts of the last mass event).
 
 Run against a live daemon, the result can lag a concurrent write by one statement; the checks
 inside one database share one connection (one snapshot on InnoDB's REPEATABLE READ), and a
@@ -25,6 +28,7 @@ and its target created together never show up as a violation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +42,7 @@ from accountd.adapters.schema import (
     account_metrics,
     account_status_logs,
     accountd_supervision,
+    accountd_supervision_journal,
     file_resources,
     message_callbacks,
     message_records,
@@ -283,6 +288,10 @@ def _query_checks() -> list[_QueryCheck]:
 
 
 async def _run_query_check(conn: AsyncConnection, spec: _QueryCheck, limit: int) -> Check:
+    if spec.name == "supervision_matches_status":
+        journaled = await _journaled_statuses(conn)
+        if journaled:
+            return await _supervision_check_with_journal(conn, spec, journaled, limit)
     found = spec.query.subquery("v")
     count = (await conn.execute(select(func.count()).select_from(found))).scalar_one()
     ids: list[str] = []
@@ -290,6 +299,41 @@ async def _run_query_check(conn: AsyncConnection, spec: _QueryCheck, limit: int)
         sample = select(found.c.id).order_by(found.c.id).limit(limit)
         ids = [str(i) for i in (await conn.execute(sample)).scalars()]
     return Check(spec.name, spec.description, spec.subject, int(count), ids)
+
+
+async def _journaled_statuses(conn: AsyncConnection) -> dict[str, str]:
+    """The newest status per account in the supervision journal (rows not folded yet)."""
+    j = accountd_supervision_journal
+    latest: dict[str, str] = {}
+    for (entries,) in await conn.execute(select(j.c.entries).order_by(j.c.id)):
+        doc = json.loads(entries)
+        columns = doc["columns"]
+        if "status" not in columns:
+            continue  # an admin's pause: no status in it
+        at, key = columns.index("status"), columns.index("account_id")
+        for row in doc["rows"]:
+            latest[row[key]] = row[at]
+    return latest
+
+
+async def _supervision_check_with_journal(
+    conn: AsyncConnection, spec: _QueryCheck, journaled: dict[str, str], limit: int
+) -> Check:
+    """`supervision_matches_status` while the journal holds rows: an account's supervision
+    status is its newest journaled one if it has one (what the fold will write), else its
+    accountd_supervision row's."""
+    a = wework_accounts
+    offenders = {str(i) for i in (await conn.execute(spec.query)).scalars() if i not in journaled}
+    ids = list(journaled)
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        rows = await conn.execute(select(a.c.id, a.c.status).where(a.c.id.in_(chunk)))
+        found.update((str(r[0]), str(r[1])) for r in rows)
+    # A journaled account deleted since is no offender: the fold skips it, its row is gone.
+    offenders.update(i for i, status in journaled.items() if i in found and found[i] != status)
+    sample = sorted(offenders)[:limit]
+    return Check(spec.name, spec.description, spec.subject, len(offenders), sample)
 
 
 # --------------------------------------------------------------------------- cross-database

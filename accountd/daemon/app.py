@@ -463,6 +463,7 @@ class Daemon:
 
         async def flush() -> None:
             await sup.flush_heartbeats()
+            await sup.fold_journal()
 
         async def poll_heartbeats() -> None:
             watermark["since"] = await sup.poll_db_heartbeats(watermark["since"])

@@ -25,6 +25,13 @@ Throughput at scale (docs/benchmarks.md) comes from three things:
 * **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
   every batch takes the normal lane first and fills up from the bulk lane. A mass event then
   runs at full speed without delaying anyone else's change by more than about one batch.
+
+A batch of at least ``journal_min`` changes writes its supervision rows as one journal row (see
+`accountd.adapters.repository`): the multi-row upsert of those rows had cost the database more
+than the status update and the log rows together. `Door.fold_journal` folds the journal into
+``accountd_supervision`` later. While the journal may hold a row not yet folded, every write of
+supervision state through the door goes to the journal too, so a fold never puts an older row
+over a newer one.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -161,6 +168,7 @@ class Door:
         max_batch: int | None = None,
         pipeline: int = 1,
         max_pending: int = 200_000,
+        journal_min: int = 200,
     ) -> None:
         if batch_size < 1 or pipeline < 1:
             raise ValueError("batch_size and pipeline must be positive")
@@ -171,6 +179,13 @@ class Door:
         self.max_batch = max(batch_size, max_batch if max_batch is not None else 2 * batch_size)
         self.pipeline = pipeline
         self.max_pending = max_pending
+        self.journal_min = journal_min
+        # Journal rows that may be in the table (written, or written with an unknown outcome),
+        # journal writes in flight, and journal writes ever started: `fold_journal` may call
+        # the journal empty only if no write was in flight or began while it looked.
+        self.journal_rows = 0
+        self._journal_writing = 0
+        self._journal_started = 0
         self._queue: deque[Change | _Exclusive] = deque()
         self._bulk: deque[Change] = deque()
         # Batches being committed, and the accounts in them (at most one batch per account).
@@ -238,6 +253,49 @@ class Door:
         self._idle.clear()
         self._wakeup.set()
         return cast(T, await item.future)
+
+    @property
+    def journal_active(self) -> bool:
+        """Whether the journal may hold a row not folded yet (then supervision goes there)."""
+        return self.journal_rows > 0 or self._journal_writing > 0
+
+    @contextlib.asynccontextmanager
+    async def _journal_write(self) -> AsyncIterator[None]:
+        self._journal_writing += 1
+        self._journal_started += 1
+        try:
+            yield
+        finally:
+            # Counted whatever the outcome: a commit whose answer was lost may have landed.
+            # Counting one too many only keeps the journal in use until the next fold.
+            self._journal_writing -= 1
+            self.journal_rows += 1
+
+    async def save_supervision(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write supervision state that is not a transition (from an `exclusive` function)."""
+        if not self.journal_active:
+            await self.repo.save_supervision(rows)
+            return
+        async with self._journal_write():
+            await self.repo.save_supervision(rows, journal=True)
+
+    async def fold_journal(self, limit: int = 10) -> int:
+        """Fold up to ``limit`` journal rows into accountd_supervision; the rows folded.
+
+        Runs beside the committer (a fold touches only accounts whose newest supervision state
+        is in the journal, which the committer no longer writes directly). Called by the
+        heartbeat flush job after a mass event and at start-up, never by two tasks at once.
+        """
+        quiet = self._journal_writing == 0
+        started = self._journal_started
+        folded, _ = await self.repo.fold_journal(limit)
+        self.journal_rows = max(0, self.journal_rows - folded)
+        undisturbed = quiet and self._journal_writing == 0 and self._journal_started == started
+        if folded == 0 and undisturbed:
+            # Nothing was being written while it looked and the table was empty: every journal
+            # row counted (including those of lost answers) is accounted for.
+            self.journal_rows = 0
+        return folded
 
     @property
     def pending(self) -> int:
@@ -417,8 +475,13 @@ class Door:
         if not planned:
             return
         started = time.perf_counter()
+        requests = [p.request for _, _, p in planned]
         try:
-            outcomes = await self.repo.apply_transitions([p.request for _, _, p in planned])
+            if len(planned) >= self.journal_min or self.journal_active:
+                async with self._journal_write():
+                    outcomes = await self.repo.apply_transitions(requests, journal=True)
+            else:
+                outcomes = await self.repo.apply_transitions(requests)
             # Healthy only once something really committed: a batch refused in memory
             # (illegal, stale) proves nothing about the database.
             self._delay = 0.2

@@ -80,6 +80,7 @@ ALERT_LEVELS: tuple[str, ...] = ("info", "warning", "error", "critical")
 DB_OPERATIONS: tuple[tuple[str, str], ...] = (
     ("platform", "transition"),
     ("platform", "heartbeat_flush"),
+    ("platform", "journal_fold"),
     ("platform", "load"),
     *((key, "ping") for key in DATABASE_KEYS),
 )

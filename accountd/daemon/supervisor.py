@@ -77,6 +77,8 @@ MASS_SLICE = 0.1
 # Accounts of a mass event re-checked against the database at once (before firing).
 MASS_CHECK = 5000
 
+# Journal rows per fold transaction (a journal row holds up to one batch: 500-1,000 accounts).
+JOURNAL_SLICE = 2
 # Accounts per `write_heartbeats` call of a flush (see `Supervisor.flush_heartbeats`).
 FLUSH_SLICE = 5000
 # Rows per page, and per call, of the pick-up of others' heartbeat writes (`poll_db_heartbeats`).
@@ -228,6 +230,11 @@ class Supervisor:
         created: list[str] = []
         beats: dict[float, float] = {}
         adopt, make = self._adopt_loaded, LoadedRow._make
+        # Supervision rows a crash (or a cut-off shutdown) left in the journal: folded first, so
+        # the load reads them where they belong.
+        folded = await self.fold_journal(force=True)
+        if folded:
+            log.info("folded %d supervision journal rows left by the last run", folded)
         async for page in iter_loaded(self.repo.engine, self.page_size):
             for row in page:
                 acc = adopt(make(row), now, repairs, beats)
@@ -282,6 +289,13 @@ class Supervisor:
             )
         except Exception:  # boundary: shutdown goes on; the next start re-reads the database
             log.exception("final heartbeat flush failed")
+        try:
+            async with asyncio.timeout(grace):
+                await self.fold_journal(force=True)
+        except TimeoutError:
+            log.warning("supervision journal fold cut off after %gs; the next start folds", grace)
+        except Exception:  # boundary: as above; the next start folds what is left
+            log.exception("supervision journal fold failed; the next start folds it")
 
     def reconfigure(self, cfg: PolicyConfig) -> None:
         """Apply new policy numbers live (SIGHUP). Running deadlines keep their times; the
@@ -916,6 +930,27 @@ class Supervisor:
             self.on_db_time("platform", "heartbeat_flush", time.perf_counter() - started)
         return written
 
+    async def fold_journal(self, *, force: bool = False) -> int:
+        """Fold the supervision journal into accountd_supervision; the journal rows folded.
+
+        Slice by slice, each a short transaction; like the heartbeat flush it stops while a
+        mass event is being committed (`_flush_gives_way`), except at start-up and shutdown
+        (``force``): the journal exists to keep that work out of the mass event's way.
+        """
+        total = 0
+        while force or self.door.journal_active:
+            if not force and self._flush_gives_way():
+                break
+            started = time.perf_counter()
+            async with self.lane.bulk_step():
+                folded = await self.door.fold_journal(JOURNAL_SLICE)
+            if self.on_db_time is not None:
+                self.on_db_time("platform", "journal_fold", time.perf_counter() - started)
+            if not folded:
+                break
+            total += folded
+        return total
+
     @property
     def mass_under_way(self) -> bool:
         """A mass event's heartbeat losses are being re-checked or wait in the door's bulk lane."""
@@ -1030,7 +1065,7 @@ class Supervisor:
         )
         # Not ours to touch outside a transition: the door's last log row and the epoch.
         del row["last_log_id"], row["epoch"]
-        await self.repo.save_supervision([row])
+        await self.door.save_supervision([row])
         # Written: now memory follows.
         with self.view_lock:
             acc.paused = paused

@@ -30,7 +30,11 @@ from accountd.adapters.schema.core import (
     user_roles,
     users,
 )
-from accountd.adapters.schema.daemon import accountd_leases, accountd_supervision
+from accountd.adapters.schema.daemon import (
+    accountd_leases,
+    accountd_supervision,
+    accountd_supervision_journal,
+)
 from accountd.adapters.schema.platform import (
     ACCOUNT_STATUSES,
     PLATFORM,
@@ -49,7 +53,11 @@ from accountd.adapters.schema.platform import (
 METADATA: dict[str, sa.MetaData] = {"core": CORE, "platform": PLATFORM, "analytics": ANALYTICS}
 
 # The tables this project adds to the seed's 24 (all in wework_platform).
-DAEMON_TABLES: tuple[str, ...] = ("accountd_supervision", "accountd_leases")
+DAEMON_TABLES: tuple[str, ...] = (
+    "accountd_supervision",
+    "accountd_leases",
+    "accountd_supervision_journal",
+)
 
 __all__ = [
     "ACCOUNT_STATUSES",
@@ -62,6 +70,7 @@ __all__ = [
     "account_status_logs",
     "accountd_leases",
     "accountd_supervision",
+    "accountd_supervision_journal",
     "contacts",
     "dictionaries",
     "file_resources",

@@ -14,6 +14,7 @@ session-time-zone conversion).
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 
 from accountd.adapters.schema.platform import PLATFORM
 from accountd.adapters.schema.types import DATETIME6, FALSE, MYSQL_TABLE_OPTIONS, default
@@ -82,6 +83,29 @@ accountd_supervision = sa.Table(
     ),
     sa.Column("updated_at", DATETIME6, nullable=False, comment="last write of this row (UTC)"),
     comment="accountd: supervision state of each account, survives restarts",
+    **MYSQL_TABLE_OPTIONS,
+)
+
+accountd_supervision_journal = sa.Table(
+    "accountd_supervision_journal",
+    PLATFORM,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),  # SQLite: INTEGER PRIMARY KEY
+        primary_key=True,
+        autoincrement=True,
+        comment="order of writing: folded in this order",
+    ),
+    sa.Column("row_count", sa.Integer, nullable=False, comment="supervision rows in entries"),
+    sa.Column(
+        "entries",
+        sa.Text().with_variant(MEDIUMTEXT(), "mysql"),
+        nullable=False,
+        comment='JSON {"columns": [...], "rows": [[...], ...]} of accountd_supervision rows',
+    ),
+    sa.Column("created_at", DATETIME6, nullable=False, comment="when it was written (UTC)"),
+    comment="accountd: supervision rows of large transition batches, not yet folded into "
+    "accountd_supervision (one row per batch, written in the batch's transaction)",
     **MYSQL_TABLE_OPTIONS,
 )
 
