@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import event, insert, select, text, update
 
 from accountd.adapters.db import Databases, make_engine
 from accountd.adapters.loader import (
@@ -298,6 +298,25 @@ async def test_the_flush_gives_way_to_a_mass_event_for_at_most_one_persist_inter
     sup._stale_mass.append([sup.accounts[ids[0]]])
     assert await sup.flush_heartbeats() == 0  # a new event, a new hold
     assert await sup.flush_heartbeats(force=True) == 8  # shutdown's flush never waits
+
+
+async def test_the_poll_reads_nothing_during_a_mass_event_and_catches_up_after(
+    dbs: Databases, online_sup: tuple[Supervisor, list[str], FakeClock]
+) -> None:
+    sup, ids, _clock = online_sup
+    since = sup.clock.now() - 60
+    later = T0 + 30  # another service writes heartbeats newer than the daemon's
+    a = wework_accounts
+    async with dbs.platform.begin() as conn:
+        await conn.execute(
+            update(a).where(a.c.id.in_(ids[:5])).values(last_heartbeat_at=to_db_time(later))
+        )
+    sup._stale_mass.append([sup.accounts[ids[-1]]])  # a mass event waiting for its re-check
+    assert await sup.poll_db_heartbeats(since) == since
+    assert all(sup.accounts[i].last_heartbeat != later for i in ids[:5])
+    sup._stale_mass.clear()
+    assert await sup.poll_db_heartbeats(since) == later
+    assert {sup.accounts[i].last_heartbeat for i in ids[:5]} == {later}
 
 
 async def test_the_final_flush_at_shutdown_is_bounded(

@@ -20,6 +20,7 @@ would have left.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -62,6 +63,12 @@ def utcnow() -> dt.datetime:
 def to_db_time(ts: float | None) -> dt.datetime | None:
     if ts is None:
         return None
+    return _db_time(ts)
+
+
+@functools.lru_cache(maxsize=256)
+def _db_time(ts: float) -> dt.datetime:
+    # Cached: every account of a batch enters its new state at the batch's one `now`.
     return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
 
 
