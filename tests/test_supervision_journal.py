@@ -209,3 +209,17 @@ async def test_verify_reads_the_journal(rig: Rig) -> None:
     report = await verify(urls)
     check = report.get("supervision_matches_status")
     assert (check.violations, check.ids) == (1, [ids[1]])
+
+
+async def test_a_stop_folds_what_the_flush_job_had_not_folded_yet(rig: Rig) -> None:
+    n = 220
+    ids = await rig.insert([State.verifying] * n)
+    sup = rig.supervisor(QUIET, startup_grace=600)
+    await sup.load()
+    await sup.start()
+    for f in sup.door.fire_many([Change(a, Trigger.verified, "test") for a in ids]):
+        assert await f is ItemResult.APPLIED
+    assert await journal_rows(rig) == 1
+    await rig.stop(sup)
+    assert await journal_rows(rig) == 0
+    assert {r["status"] for r in (await supervision_rows(rig, ids)).values()} == {"online"}

@@ -77,6 +77,8 @@ MASS_SLICE = 0.1
 # Accounts of a mass event re-checked against the database at once (before firing).
 MASS_CHECK = 5000
 
+# Seconds the shutdown spends folding the supervision journal at most.
+JOURNAL_FOLD_AT_STOP = 5.0
 # Journal rows per fold transaction (a journal row holds up to one batch: 500-1,000 accounts).
 JOURNAL_SLICE = 2
 # Accounts per `write_heartbeats` call of a flush (see `Supervisor.flush_heartbeats`).
@@ -289,11 +291,17 @@ class Supervisor:
             )
         except Exception:  # boundary: shutdown goes on; the next start re-reads the database
             log.exception("final heartbeat flush failed")
+        # Bounded tighter than the rest: nothing waits on it (the next start folds what is
+        # left before it loads), and systemd's TimeoutStopSec must still cover the whole stop.
+        fold_grace = min(grace, JOURNAL_FOLD_AT_STOP)
         try:
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(fold_grace):
                 await self.fold_journal(force=True)
         except TimeoutError:
-            log.warning("supervision journal fold cut off after %gs; the next start folds", grace)
+            log.warning(
+                "supervision journal fold cut off after %gs; the next start folds the rest",
+                fold_grace,
+            )
         except Exception:  # boundary: as above; the next start folds what is left
             log.exception("supervision journal fold failed; the next start folds it")
 
