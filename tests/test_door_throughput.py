@@ -200,3 +200,53 @@ async def test_only_deadlines_crowded_into_one_instant_count_as_a_mass_event(rig
     sup._queue_stale([sup.accounts[i] for i in crowd + clump + spread])
     assert [a.id for a in sup._stale_mass[0]] == crowd
     assert [a.id for a in sup._stale_small[0]] == clump + spread
+
+
+async def test_a_mass_event_is_under_way_while_its_batches_commit(rig: Rig) -> None:
+    """The heartbeat flush, the journal fold and the poll hold back while `mass_under_way`:
+    that must stay true while the bulk lane is empty but its last batches are committing."""
+    ids = await rig.insert([State.online] * 40)
+    sup = rig.supervisor(QUIET, startup_grace=600)
+    await sup.load()
+    await sup.start()
+    seen: list[tuple[int, bool]] = []
+    rig.repo.between_statements = lambda: seen.append(
+        (sup.door.bulk_in_flight, sup.mass_under_way)
+    )
+    normal = sup.door.fire_many(
+        [Change(a, Trigger.logged_out, "test", expect_state=State.online) for a in ids[:20]]
+    )
+    assert set(await asyncio.gather(*normal)) == {ItemResult.APPLIED}
+    assert seen and set(seen) == {(0, False)}
+    seen.clear()
+    bulk = sup.door.fire_many(
+        [Change(a, Trigger.logged_out, "test", expect_state=State.online) for a in ids[20:]],
+        bulk=True,
+    )
+    assert set(await asyncio.gather(*bulk)) == {ItemResult.APPLIED}
+    assert seen and set(seen) == {(1, True)}  # the lane was empty by then: taken whole
+    assert (sup.door.bulk_in_flight, sup.mass_under_way) == (0, False)
+
+
+async def test_a_mass_event_is_under_way_while_its_round_is_re_checked(rig: Rig) -> None:
+    t0 = rig.clock.now()
+    crowd = await rig.insert([State.online] * (MASS_EVENT + 10), heartbeat=t0 - 3600)
+    sup = rig.supervisor(QUIET, startup_grace=600)
+    await sup.load()
+    seen: list[bool] = []
+    read = rig.repo.fresh_heartbeats
+
+    async def recorded(ids: list[str], since: float) -> dict[str, float]:
+        seen.append(sup.mass_under_way)  # the round left _stale_mass; nothing is in the door
+        return await read(ids, since)
+
+    rig.repo.fresh_heartbeats = recorded  # type: ignore[method-assign]
+    for account_id in crowd:
+        acc = sup.accounts[account_id]
+        acc.last_heartbeat = acc.entered_at = t0 - 3600
+    sup._queue_stale([sup.accounts[i] for i in crowd])
+    await sup.start()
+    await settle(sup, rig.clock)
+    assert seen == [True]
+    assert sup.counts[State.offline] == len(crowd)
+    assert not sup.mass_under_way

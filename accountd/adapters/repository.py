@@ -544,12 +544,6 @@ class AccountRepository:
             await conn.commit()
         return len(found), sum(len(v) for v in by_columns.values())
 
-    async def journal_size(self) -> int:
-        """Journal rows not yet folded."""
-        j = accountd_supervision_journal
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(j))).scalar_one())
-
     async def upsert_supervision_rows(
         self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
     ) -> None:

@@ -191,6 +191,7 @@ class Door:
         # Batches being committed, and the accounts in them (at most one batch per account).
         self._inflight: set[asyncio.Task[None]] = set()
         self._busy: set[str] = set()
+        self._bulk_batches = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -284,7 +285,7 @@ class Door:
 
         Runs beside the committer (a fold touches only accounts whose newest supervision state
         is in the journal, which the committer no longer writes directly). Called by the
-        heartbeat flush job after a mass event and at start-up, never by two tasks at once.
+        heartbeat flush job, at start-up and at shutdown, never by two tasks at once.
         """
         quiet = self._journal_writing == 0
         started = self._journal_started
@@ -306,6 +307,11 @@ class Door:
     def bulk_pending(self) -> int:
         """Changes of mass events waiting in the bulk lane."""
         return len(self._bulk)
+
+    @property
+    def bulk_in_flight(self) -> int:
+        """Batches being committed that hold changes of the bulk lane."""
+        return self._bulk_batches
 
     @property
     def held(self) -> int:
@@ -367,9 +373,9 @@ class Door:
                         await head.run()
                         continue
                 elif len(self._inflight) < self.pipeline and self._worth_a_batch():
-                    batch = self._take_batch()
+                    batch, bulk = self._take_batch()
                     if batch:
-                        self._start(batch)
+                        self._start(batch, bulk)
                         continue
                 if not self._inflight and not self._queue and not self._bulk:
                     self._idle.set()
@@ -390,9 +396,9 @@ class Door:
             return True
         return bool(self._bulk) and (not self._inflight or len(self._bulk) >= self.batch_size)
 
-    def _start(self, batch: list[Change]) -> None:
+    def _start(self, batch: list[Change], bulk: bool) -> None:
         self._busy.update(c.account_id for c in batch)
-        task = asyncio.create_task(self._commit_batch(batch), name="accountd-door-batch")
+        task = asyncio.create_task(self._commit_batch(batch, bulk), name="accountd-door-batch")
         self._inflight.add(task)
         task.add_done_callback(self._batch_done)
 
@@ -400,8 +406,9 @@ class Door:
         self._inflight.discard(task)
         self._wakeup.set()
 
-    async def _commit_batch(self, batch: list[Change]) -> None:
+    async def _commit_batch(self, batch: list[Change], bulk: bool) -> None:
         """One batch, in its own task: commit it, or put it back and back off."""
+        self._bulk_batches += bulk
         try:
             await self._commit(batch)
         except (OperationalError, DBAPIError, OSError) as exc:
@@ -427,13 +434,15 @@ class Door:
                     change.future.set_exception(exc)
         finally:
             self._busy.difference_update(c.account_id for c in batch)
+            self._bulk_batches -= bulk
 
     def _requeue_front(self, batch: list[Change]) -> None:
         waiting = [c for c in batch if c.future is None or not c.future.done()]
         self._queue.extendleft(reversed(waiting))
 
-    def _take_batch(self) -> list[Change]:
+    def _take_batch(self) -> tuple[list[Change], bool]:
         """The next batch: the normal lane first, then the bulk lane; one change per account.
+        Also whether it holds changes of the bulk lane.
 
         Changes of accounts already in the batch or in a batch being committed stay where they
         are and wait their turn.
@@ -444,6 +453,7 @@ class Door:
         batch: list[Change] = []
         seen = self._busy.copy()
         exclusive_ahead = False
+        from_bulk = False
         for lane in (self._queue, self._bulk):
             deferred: list[Change | _Exclusive] = []
             # Bounded: a lane full of one busy account's changes must not cost a full scan.
@@ -460,10 +470,11 @@ class Door:
                 else:
                     seen.add(item.account_id)
                     batch.append(item)
+                    from_bulk = from_bulk or lane is self._bulk
             lane.extendleft(reversed(deferred))  # type: ignore[arg-type]
             if exclusive_ahead:
                 break
-        return batch
+        return batch, from_bulk
 
     async def _commit(self, batch: list[Change]) -> None:
         now = self.planner.now()

@@ -213,6 +213,7 @@ class Supervisor:
         self._stale_wakeup = asyncio.Event()
         self._stale_task: asyncio.Task[None] | None = None
         self._stale_busy = False
+        self._mass_checking = False  # a mass event's round is being re-checked
         self._internal: set[asyncio.Future[ItemResult]] = set()
         # Stalls and database outages (accountd.daemon.outage): checks that fell while the daemon
         # was deaf are moved instead of fired. Set by the daemon; None in bare engine tests.
@@ -668,10 +669,13 @@ class Supervisor:
                     stale += self._stale_mass.popleft()
             else:
                 stale = self._stale_small.popleft()
+            self._mass_checking = mass
             try:
                 await self._heartbeat_lost(stale, self.clock.now(), bulk=mass)
             except Exception:  # boundary: one bad round must not stop detection for everyone
                 log.exception("heartbeat-loss check of %d accounts failed", len(stale))
+            finally:
+                self._mass_checking = False
 
     def _try_recover(self, acc: Account, kind: str, now: float) -> None:
         if acc.paused:
@@ -961,8 +965,14 @@ class Supervisor:
 
     @property
     def mass_under_way(self) -> bool:
-        """A mass event's heartbeat losses are being re-checked or wait in the door's bulk lane."""
-        return bool(self._stale_mass) or self.door.bulk_pending > 0
+        """A mass event's heartbeat losses are being re-checked, wait in the door's bulk lane or
+        are being committed (each of these alone can be empty for a moment between rounds)."""
+        return (
+            bool(self._stale_mass)
+            or self._mass_checking
+            or self.door.bulk_pending > 0
+            or self.door.bulk_in_flight > 0
+        )
 
     def _flush_gives_way(self) -> bool:
         """Whether the flush stops here for a mass event, for at most one `persist_interval`.
