@@ -210,9 +210,7 @@ async def test_a_mass_event_is_under_way_while_its_batches_commit(rig: Rig) -> N
     await sup.load()
     await sup.start()
     seen: list[tuple[int, bool]] = []
-    rig.repo.between_statements = lambda: seen.append(
-        (sup.door.bulk_in_flight, sup.mass_under_way)
-    )
+    rig.repo.between_statements = lambda: seen.append((sup.door.bulk_in_flight, sup.mass_under_way))
     normal = sup.door.fire_many(
         [Change(a, Trigger.logged_out, "test", expect_state=State.online) for a in ids[:20]]
     )
