@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import json
 import os
 import random
 import re
@@ -61,6 +62,7 @@ from accountd.adapters.db import Databases
 from accountd.adapters.schema import (
     account_status_logs,
     accountd_supervision,
+    accountd_supervision_journal,
     tenants,
     wework_accounts,
 )
@@ -298,9 +300,38 @@ async def supervision_snapshot(platform: AsyncEngine) -> Snapshot:
     query = select(s.c.account_id, last.c.last_id, *(s.c[c] for c in SNAP_COLUMNS)).outerjoin(
         last, last.c.account_id == s.c.account_id
     )
+    j = accountd_supervision_journal
     async with platform.connect() as conn:
         rows = await conn.execute(query)
-        return {r[0]: tuple(r[1:]) for r in rows}
+        snap = {r[0]: tuple(r[1:]) for r in rows}
+        journal = (await conn.execute(select(j.c.entries).order_by(j.c.id))).scalars().all()
+    # What a killed daemon left in the supervision journal is part of what it left: the
+    # restart folds it first. Applied here in journal order, as the fold does.
+    for entries in journal:
+        doc = json.loads(entries)
+        columns = doc["columns"]
+        for values in doc["rows"]:
+            row = dict(zip(columns, values, strict=True))
+            old = snap.get(row["account_id"])
+            if old is None:
+                continue  # no supervision row: an account deleted since, or not in the query
+            merged = dict(zip(SNAP_COLUMNS, old[1:], strict=True))
+            merged.update((c, _from_journal(c, row[c])) for c in SNAP_COLUMNS if c in row)
+            snap[row["account_id"]] = (old[0], *(merged[c] for c in SNAP_COLUMNS))
+    return snap
+
+
+def _from_journal(column: str, value: Any) -> Any:
+    """A journal value (database form) as reading the table gives it."""
+    if value is None:
+        return None
+    if column in ("entered_at", "next_action_at", "online_since"):
+        return dt.datetime.fromisoformat(value)
+    if column == "offline_history":
+        return json.loads(value)
+    if column == "paused":
+        return bool(value)
+    return value
 
 
 def compare_snapshots(before: Snapshot, after: Snapshot) -> tuple[int, int, list[str]]:

@@ -206,3 +206,19 @@ async def test_a_stop_folds_what_the_flush_job_had_not_folded_yet(rig: Rig) -> N
     await rig.stop(sup)
     assert await journal_rows(rig) == 0
     assert {r["status"] for r in (await supervision_rows(rig, ids)).values()} == {"online"}
+
+
+async def test_the_torture_snapshot_sees_the_journal_as_the_restart_will(rig: Rig) -> None:
+    """bench.torture compares supervision rows across a SIGKILL and a restart: what the killed
+    daemon left in the journal must count as left, since the restart folds it first."""
+    from bench.torture import supervision_snapshot
+
+    ids = await rig.insert([State.online] * 4)
+    first = [request(a, "online", "offline", k) for k, a in enumerate(ids)]
+    await rig.repo.apply_transitions(first)
+    second = [request(a, "offline", "recovering", k + 10, attempts=1) for k, a in enumerate(ids)]
+    await rig.repo.apply_transitions(second[:2], journal=True)
+    left = await supervision_snapshot(rig.dbs.platform)
+    assert [left[a][1] for a in ids] == ["recovering", "recovering", "offline", "offline"]
+    await rig.repo.fold_journal()
+    assert await supervision_snapshot(rig.dbs.platform) == left
