@@ -36,6 +36,7 @@ from sqlalchemy.exc import ArgumentError
 
 from accountd.adapters.db import DATABASE_KEYS, PoolSettings, safe_url
 from accountd.errors import ConfigError
+from accountd.logs import redact
 
 ENV_PREFIX = "ACCOUNTD_"
 # Variables under these prefixes belong to the test suite and the benchmarks, not to the config
@@ -580,5 +581,7 @@ def _echoable(value: Any) -> bool:
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    # Redacted before it is cut: a URL cut before its '@' no longer looks like one, and its
+    # password would go out whole (a hypothesis example: a URL inside a list of a path key).
+    text = redact(repr(value))
     return text if len(text) <= 60 else text[:57] + "..."

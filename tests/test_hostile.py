@@ -913,6 +913,22 @@ def test_hypothesis_config_check_exits_0_or_2_with_one_line(tmp_path: Path) -> N
     probe()
 
 
+def test_a_url_password_in_a_value_too_long_to_echo_is_masked_before_the_cut(
+    tmp_path: Path,
+) -> None:
+    # Found by the hypothesis test above: the echoed value was cut at 60 characters before
+    # redaction, inside the URL and before its '@', so the password went out whole.
+    path = tmp_path / "accountd.toml"
+    url = "mysql+aiomysql://u:p4ss@h/db"
+    path.write_text(f'state_dir = [-1000, [], [-100000000, "", "", "{url}"]]\n', encoding="utf-8")
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert cli.main(["config", "check", "--config", str(path)]) == 2
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith("accountd: config error: state_dir: ")
+    assert "p4ss" not in line and "u:***" in line
+
+
 def test_config_bytes_that_are_not_utf8_or_not_toml_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "accountd.toml"
     for raw in (b"\xff\xfe[ingest]\n", b"[ingest\n", b"a = \n", b"[[databases]]\n", b"\x00"):
