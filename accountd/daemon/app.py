@@ -255,6 +255,7 @@ class Daemon:
             self.clock,
             rng=random.Random(),
             batch_size=s.supervisor.transition_batch,
+            journal_min=s.supervisor.journal_min_batch,
             page_size=s.supervisor.load_page_size,
             persist_interval=s.heartbeat.persist_interval,
             startup_grace=s.heartbeat.startup_grace,

@@ -488,7 +488,7 @@ class Door:
         started = time.perf_counter()
         requests = [p.request for _, _, p in planned]
         try:
-            if len(planned) >= self.journal_min or self.journal_active:
+            if (self.journal_min and len(planned) >= self.journal_min) or self.journal_active:
                 async with self._journal_write():
                     outcomes = await self.repo.apply_transitions(requests, journal=True)
             else:

@@ -129,6 +129,7 @@ class Supervisor:
         *,
         rng: random.Random | None = None,
         batch_size: int = 500,
+        journal_min: int = 200,
         page_size: int = 5000,
         persist_interval: float = 15.0,
         startup_grace: float = 60.0,
@@ -166,7 +167,11 @@ class Supervisor:
         # Two transactions in flight overlap our Python with the server's work; SQLite has a
         # single writer, so a second one would only wait for the lock.
         self.door = Door(
-            repo, self, batch_size=batch_size, pipeline=2 if repo.dialect == "mysql" else 1
+            repo,
+            self,
+            batch_size=batch_size,
+            pipeline=2 if repo.dialect == "mysql" else 1,
+            journal_min=journal_min,
         )
         self.limiter = RecoveryLimiter(max_in_flight=cfg.max_in_flight, start_rate=cfg.start_rate)
         self.mass = MassOfflineDetector(
