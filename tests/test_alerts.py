@@ -54,7 +54,13 @@ async def alert_rows(rig: Rig) -> list[dict[str, Any]]:
     t = system_alerts
     async with rig.dbs.analytics.connect() as conn:
         rows = await conn.execute(select(t).order_by(t.c.created_at, t.c.alert_type))
-        return [dict(r._mapping) for r in rows]
+        # created_at has whole seconds: an episode resolved and the next one raised within the
+        # same second tie, and MariaDB returned them either way (a CI run, 2026-12-04). Of two
+        # episodes of one alert, the resolved one is the older.
+        return sorted(
+            (dict(r._mapping) for r in rows),
+            key=lambda r: (r["created_at"], r["alert_type"], r["resolved_at"] is None),
+        )
 
 
 async def landed(outbox: Outbox) -> None:
