@@ -290,9 +290,8 @@ class SupervisorSettings(_Section):
     transition_batch: Count = 500
     # Batches of at least this many changes write their supervision rows as one journal row,
     # folded into accountd_supervision later (docs/architecture.md, "The supervision journal").
-    # 0 = never (the default): bench.torture with 2 found supervision state behind the status
-    # after a SIGKILL, a cause not yet found.
-    journal_min_batch: CountOrZero = 0
+    # 0 = never.
+    journal_min_batch: CountOrZero = 200
     # Most status changes waiting for a commit (the bound on memory while the database is
     # down); beyond it ingest answers 503 with Retry-After. About 0.5 KB each.
     max_pending_changes: Count = 200_000

@@ -49,14 +49,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from accountd.adapters.db import Databases
 from accountd.adapters.schema import (
@@ -112,6 +112,10 @@ class TortureConfig:
     settle_timeout: float = 180.0
     rates: Mapping[str, float] = field(default_factory=lambda: dict(SOAK_RATES))
     seed: int | None = None
+    # [supervisor] journal_min_batch for the daemon. The daemon's default (200) journals only
+    # mass events; 2 journals every batch of two or more, so kills land with journal rows not
+    # yet folded, while single changes still write directly whenever the journal is empty.
+    journal_min_batch: int = 2
 
 
 # The CI subset (tests/test_torture.py): a few hundred accounts, three rounds, short delays, and
@@ -146,6 +150,7 @@ class RoundStats:
     restored: int  # supervision rows compared unchanged across the restart
     mid_recovery: int  # of those, with attempts > 0
     restart_seconds: float  # spawn → ready
+    journal_left: int = 0  # supervision journal rows the killed daemon left unfolded
 
 
 @dataclass
@@ -177,11 +182,11 @@ class TortureResult:
             f"crash torture on {self.backend}: {len(self.rounds)} rounds in {self.seconds:.0f} s "
             f"(seed {self.seed})",
             "round | kill after | transitions by the killed daemon (per s, last second) | "
-            "rows restored (mid-recovery) | restart to ready",
+            "rows restored (mid-recovery) | restart to ready | journal rows left",
         ]
         lines += [
             f"{r.number:5d} | {r.delay:8.2f} s | {r.transitions:6d} ({r.rate_at_kill:4.0f}/s) | "
-            f"{r.restored:6d} ({r.mid_recovery}) | {r.restart_seconds:.2f} s"
+            f"{r.restored:6d} ({r.mid_recovery}) | {r.restart_seconds:.2f} s | {r.journal_left}"
             for r in self.rounds
         ]
         lines += [
@@ -268,9 +273,7 @@ mass_offline_cooldown = 2
 [supervisor]
 poll_interval = 0.3
 shutdown_timeout = 20
-# journal_min_batch = 2 (nearly every batch journals its supervision rows, so kills land with
-# journal rows unfolded) finds "restart changed supervision state" violations: the journal is
-# off by default until that is understood (docs/architecture.md).
+journal_min_batch = {cfg.journal_min_batch}
 """
     )
     return path
@@ -292,8 +295,11 @@ SNAP_COLUMNS = (
 Snapshot = dict[str, tuple[Any, ...]]  # account id → (last log id, *SNAP_COLUMNS)
 
 
-async def supervision_snapshot(platform: AsyncEngine) -> Snapshot:
-    """Every supervision row with its account's last log id, read in one statement."""
+async def supervision_snapshot(
+    platform: AsyncEngine, *, between: Callable[[], Awaitable[Any]] | None = None
+) -> Snapshot:
+    """Every supervision row with its account's last log id, and the journal over them, read
+    in one snapshot (``between``: a test's write between the two reads)."""
     s, lg = accountd_supervision, account_status_logs
     last = (
         select(lg.c.account_id, func.max(lg.c.id).label("last_id"))
@@ -305,8 +311,11 @@ async def supervision_snapshot(platform: AsyncEngine) -> Snapshot:
     )
     j = accountd_supervision_journal
     async with platform.connect() as conn:
+        await _one_read_snapshot(conn)
         rows = await conn.execute(query)
         snap = {r[0]: tuple(r[1:]) for r in rows}
+        if between is not None:
+            await between()
         journal = (await conn.execute(select(j.c.entries).order_by(j.c.id))).scalars().all()
     # What a killed daemon left in the supervision journal is part of what it left: the
     # restart folds it first. Applied here in journal order, as the fold does.
@@ -322,6 +331,31 @@ async def supervision_snapshot(platform: AsyncEngine) -> Snapshot:
             merged.update((c, _from_journal(c, row[c])) for c in SNAP_COLUMNS if c in row)
             snap[row["account_id"]] = (old[0], *(merged[c] for c in SNAP_COLUMNS))
     return snap
+
+
+async def _one_read_snapshot(conn: AsyncConnection) -> None:
+    """Make the statements that follow on ``conn`` read one snapshot of the database.
+
+    The snapshot after a restart reads the table and then the journal while the new daemon
+    commits: a batch journaled between the two statements would show its state over a last
+    log id from before it, a change that never happened. Our MariaDB engines read committed
+    (each statement its own snapshot): REPEATABLE READ keeps the first read's for the
+    transaction (the pool restores the level). pysqlite opens no transaction for a SELECT, so
+    SQLite needs an explicit BEGIN (ended by the rollback on close). Call before any read.
+    """
+    if conn.dialect.name == "sqlite":
+        await conn.exec_driver_sql("BEGIN")
+    else:
+        await conn.execution_options(isolation_level="REPEATABLE READ")
+
+
+async def raw_supervision(platform: AsyncEngine) -> tuple[list[Any], list[Any]]:
+    """The supervision table and the journal as a killed daemon left them (for evidence)."""
+    s, j = accountd_supervision, accountd_supervision_journal
+    async with platform.connect() as conn:
+        table = (await conn.execute(select(s))).all()
+        journal = (await conn.execute(select(j).order_by(j.c.id))).all()
+    return list(table), list(journal)
 
 
 def _from_journal(column: str, value: Any) -> Any:
@@ -743,17 +777,53 @@ class Torture:
         killed_count = await log_count(self.dbs.platform)
         rate = (killed_count - lead_count) / lead
         before = await supervision_snapshot(self.dbs.platform)
+        left = await raw_supervision(self.dbs.platform)
         restart = await self.spawn()
         after = await supervision_snapshot(self.dbs.platform)
         compared, mid, problems = compare_snapshots(before, after)
         self.result.violations += [f"round {number}: {p}" for p in problems]
-        stats = RoundStats(number, delay, killed_count - before_count, rate, compared, mid, restart)
+        if problems:
+            await self.write_evidence(number, problems, left)
+        stats = RoundStats(
+            number, delay, killed_count - before_count, rate, compared, mid, restart, len(left[1])
+        )
         self.result.rounds.append(stats)
         self.say(
             f"round {number}: killed {delay:.2f} s after ready, {stats.transitions} transitions "
             f"by it ({rate:.0f}/s in its last second); {compared} supervision rows restored "
-            f"exactly ({mid} mid-recovery), ready again in {restart:.2f} s"
+            f"exactly ({mid} mid-recovery), ready again in {restart:.2f} s; "
+            f"{stats.journal_left} journal rows were left unfolded"
         )
+
+    async def write_evidence(
+        self, number: int, problems: Sequence[str], left: tuple[list[Any], list[Any]]
+    ) -> None:
+        """For a violated round: what the killed daemon left for each account named, what its
+        log says, and the daemon log's lines about it, in ``round-N-evidence.txt``."""
+        ids = sorted({p.split(":", 1)[0] for p in problems})[:10]
+        table, journal = left
+        lg = account_status_logs
+        daemon_log = self.log.read_text(errors="replace").splitlines()
+        out = [f"round {number}: {len(problems)} violations; evidence for {len(ids)} accounts"]
+        for account_id in ids:
+            out.append(f"\n== {account_id}")
+            out += [f"table row: {tuple(r)}" for r in table if r[0] == account_id]
+            for row in journal:
+                doc = json.loads(row.entries)
+                for values in doc["rows"]:
+                    if values[0] == account_id:
+                        out.append(f"journal id {row.id} at {row.created_at}: {values}")
+            async with self.dbs.platform.connect() as conn:
+                logs = await conn.execute(
+                    select(lg.c.id, lg.c.old_status, lg.c.new_status, lg.c.created_at)
+                    .where(lg.c.account_id == account_id)
+                    .order_by(lg.c.id)
+                )
+                out += [f"log: {tuple(r)}" for r in logs]
+            out += [f"daemon: {line}" for line in daemon_log if account_id in line][-40:]
+        path = self.workdir / f"round-{number}-evidence.txt"
+        path.write_text("\n".join(out) + "\n")
+        self.say(f"round {number}: evidence in {path}")
 
     async def settle(self) -> None:
         """Failures off, pauses lifted, new rows stopped: every account must come online."""
@@ -856,6 +926,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kill-max", type=float, default=8.0)
     parser.add_argument("--settle-timeout", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--journal-min-batch",
+        type=int,
+        default=2,
+        help="the daemon's [supervisor] journal_min_batch (default 2: nearly every batch "
+        "journals, so kills land with journal rows unfolded; the daemon's own default is 200)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (daemon log)")
     args = parser.parse_args(argv)
     cfg = TortureConfig(
@@ -865,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kill_after=(args.kill_min, args.kill_max),
         settle_timeout=args.settle_timeout,
         seed=args.seed,
+        journal_min_batch=args.journal_min_batch,
     )
 
     def stamp(text: str) -> None:

@@ -222,3 +222,26 @@ async def test_the_torture_snapshot_sees_the_journal_as_the_restart_will(rig: Ri
     assert [left[a][1] for a in ids] == ["recovering", "recovering", "offline", "offline"]
     await rig.repo.fold_journal()
     assert await supervision_snapshot(rig.dbs.platform) == left
+
+
+async def test_the_torture_snapshot_reads_table_and_journal_at_one_moment(rig: Rig) -> None:
+    """After a restart the new daemon commits while the snapshot reads: a batch journaled
+    between its two reads must not show its new state beside the last log id from before it
+    (that looked like a restart changing supervision state, on SQLite)."""
+    from bench.torture import supervision_snapshot
+
+    ids = await rig.insert([State.online] * 2)
+    await rig.repo.apply_transitions(
+        [request(a, "online", "offline", k) for k, a in enumerate(ids)]
+    )
+
+    async def commit_meanwhile() -> None:
+        await rig.repo.apply_transitions(
+            [request(ids[0], "offline", "recovering", 7)], journal=True
+        )
+
+    seen = await supervision_snapshot(rig.dbs.platform, between=commit_meanwhile)
+    assert [seen[a][1] for a in ids] == ["offline", "offline"]
+    assert await journal_rows(rig) == 1  # it did commit, after the snapshot's moment
+    now = await supervision_snapshot(rig.dbs.platform)
+    assert (now[ids[0]][1], now[ids[0]][0] != seen[ids[0]][0]) == ("recovering", True)
