@@ -21,8 +21,8 @@ figure runs for ``--seconds`` on one connection unless its name says otherwise:
   engine writes with every transition of a small batch (informational: the target is set
   against the line above);
 - grouped + journal: the same as "grouped" plus one ``accountd_supervision_journal`` row holding
-  the 500 supervision rows as JSON, which is what the engine writes for a large batch
-  (informational).
+  the 500 supervision rows as JSON in the daemon's format (values all rows share written once),
+  which is what the engine writes for a large batch (informational).
 
 ``bench.engine`` runs this module in a child process at the start of its own run, so its figures
 stand beside ceilings measured on the same machine minutes apart.
@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import datetime as dt
 import itertools
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from accountd.adapters.batch_sql import SUPERVISION_COLUMNS
+from accountd.adapters.repository import journal_document
 from bench.common import (
     Group,
     add_db_argument,
@@ -295,12 +295,16 @@ async def grouped_transitions(
                     }
                 await conn.execute(upsert, sup)
             if journal:
-                when = utcnow().isoformat(" ", "microseconds")
+                # As a mass event's: one time entered, a backoff deadline of each account's own
+                # (full jitter), the rest shared; in the daemon's format (`journal_document`).
+                now = utcnow()
+                when = now.isoformat(" ", "microseconds")
+                shared = (1, 0, "recover")
                 rows = [
-                    [a, new, when, 0, 0, "recover", when, None, "[]", False, None, log_id, 0, when]
-                    for a, log_id in zip(chunk, log_ids, strict=True)
+                    (a, new, when, *shared, jittered(now, i), None, "[]", False, None, lid, 0, when)
+                    for i, (a, lid) in enumerate(zip(chunk, log_ids, strict=True))
                 ]
-                entries = json.dumps({"columns": JOURNAL_COLUMNS, "rows": rows})
+                entries = journal_document(JOURNAL_COLUMNS, rows)
                 await conn.execute(
                     journal_insert, {"n": len(rows), "entries": entries, "now": utcnow()}
                 )
@@ -308,6 +312,10 @@ async def grouped_transitions(
             status[k] = new
             done += len(chunk)
         return done / (time.perf_counter() - start)
+
+
+def jittered(now: dt.datetime, i: int) -> str:
+    return (now + dt.timedelta(microseconds=7919 * i)).isoformat(" ", "microseconds")
 
 
 async def _all_online(engine: AsyncEngine) -> None:

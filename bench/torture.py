@@ -59,6 +59,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from accountd.adapters.db import Databases
+from accountd.adapters.repository import journal_entries
 from accountd.adapters.schema import (
     account_status_logs,
     accountd_supervision,
@@ -163,6 +164,7 @@ class TortureResult:
     admin: Counter[str] = field(default_factory=Counter)
     simulator: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
+    evidence: list[Path] = field(default_factory=list)  # round-N-evidence.txt files
     verify_exit: int | None = None
     needs_human: int = 0  # accounts an admin recovered at settle (documented terminal state)
     insert_deadlocks: int = 0  # our "platform service" inserts retried after a deadlock
@@ -320,10 +322,7 @@ async def supervision_snapshot(
     # What a killed daemon left in the supervision journal is part of what it left: the
     # restart folds it first. Applied here in journal order, as the fold does.
     for entries in journal:
-        doc = json.loads(entries)
-        columns = doc["columns"]
-        for values in doc["rows"]:
-            row = dict(zip(columns, values, strict=True))
+        for row in journal_entries(entries):
             old = snap.get(row["account_id"])
             if old is None:
                 continue  # no supervision row: an account deleted since, or not in the query
@@ -356,6 +355,14 @@ async def raw_supervision(platform: AsyncEngine) -> tuple[list[Any], list[Any]]:
         table = (await conn.execute(select(s))).all()
         journal = (await conn.execute(select(j).order_by(j.c.id))).all()
     return list(table), list(journal)
+
+
+# What each daemon said about its start: when it loaded, what it folded and repaired.
+_RESTART_LINE = re.compile(r"loaded \d+ accounts|supervision journal rows left|ready: ")
+
+
+def _utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S.%f")
 
 
 def _from_journal(column: str, value: Any) -> Any:
@@ -772,18 +779,21 @@ class Torture:
         await asyncio.sleep(delay - lead)
         lead_count = await log_count(self.dbs.platform)
         await asyncio.sleep(lead)
+        killed_at = time.time()
         await self.kill()
         await self.hold_admin()
         killed_count = await log_count(self.dbs.platform)
         rate = (killed_count - lead_count) / lead
         before = await supervision_snapshot(self.dbs.platform)
         left = await raw_supervision(self.dbs.platform)
+        spawned_at = time.time()
         restart = await self.spawn()
         after = await supervision_snapshot(self.dbs.platform)
         compared, mid, problems = compare_snapshots(before, after)
         self.result.violations += [f"round {number}: {p}" for p in problems]
         if problems:
-            await self.write_evidence(number, problems, left)
+            times = f"killed at {_utc(killed_at)}, restarted at {_utc(spawned_at)} (UTC)"
+            await self.write_evidence(number, problems, left, times)
         stats = RoundStats(
             number, delay, killed_count - before_count, rate, compared, mid, restart, len(left[1])
         )
@@ -796,7 +806,7 @@ class Torture:
         )
 
     async def write_evidence(
-        self, number: int, problems: Sequence[str], left: tuple[list[Any], list[Any]]
+        self, number: int, problems: Sequence[str], left: tuple[list[Any], list[Any]], times: str
     ) -> None:
         """For a violated round: what the killed daemon left for each account named, what its
         log says, and the daemon log's lines about it, in ``round-N-evidence.txt``."""
@@ -804,15 +814,19 @@ class Torture:
         table, journal = left
         lg = account_status_logs
         daemon_log = self.log.read_text(errors="replace").splitlines()
-        out = [f"round {number}: {len(problems)} violations; evidence for {len(ids)} accounts"]
+        out = [
+            f"round {number}: {len(problems)} violations; evidence for {len(ids)} accounts",
+            times,
+            f"journal rows left: {[(r.id, r.row_count, str(r.created_at)) for r in journal]}",
+            *(f"daemon: {line}" for line in daemon_log if _RESTART_LINE.search(line)),
+        ]
         for account_id in ids:
             out.append(f"\n== {account_id}")
             out += [f"table row: {tuple(r)}" for r in table if r[0] == account_id]
             for row in journal:
-                doc = json.loads(row.entries)
-                for values in doc["rows"]:
-                    if values[0] == account_id:
-                        out.append(f"journal id {row.id} at {row.created_at}: {values}")
+                for entry in journal_entries(row.entries):
+                    if entry["account_id"] == account_id:
+                        out.append(f"journal id {row.id} at {row.created_at}: {entry}")
             async with self.dbs.platform.connect() as conn:
                 logs = await conn.execute(
                     select(lg.c.id, lg.c.old_status, lg.c.new_status, lg.c.created_at)
@@ -823,6 +837,7 @@ class Torture:
             out += [f"daemon: {line}" for line in daemon_log if account_id in line][-40:]
         path = self.workdir / f"round-{number}-evidence.txt"
         path.write_text("\n".join(out) + "\n")
+        self.result.evidence.append(path)
         self.say(f"round {number}: evidence in {path}")
 
     async def settle(self) -> None:

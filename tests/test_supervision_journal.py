@@ -9,6 +9,7 @@ included); start-up folds what a crash left; ``db verify`` reads the journal.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -245,3 +246,22 @@ async def test_the_torture_snapshot_reads_table_and_journal_at_one_moment(rig: R
     assert await journal_rows(rig) == 1  # it did commit, after the snapshot's moment
     now = await supervision_snapshot(rig.dbs.platform)
     assert (now[ids[0]][1], now[ids[0]][0] != seen[ids[0]][0]) == ("recovering", True)
+
+
+def test_a_journal_document_writes_shared_values_once_and_reads_back_every_row() -> None:
+    from accountd.adapters.repository import journal_document, journal_entries
+
+    columns = ["account_id", "status", "attempts", "paused", "next_action_at", "history"]
+    rows = [
+        [f"a{k}", "offline", 1, False, f"2031-05-06 07:08:{k:02d}.000001", "[]"] for k in range(3)
+    ]
+    rows[2][5] = "[1.5]"
+    doc = json.loads(journal_document(columns, rows))
+    assert doc["same"] == {"status": "offline", "attempts": 1, "paused": False}
+    assert doc["columns"] == ["account_id", "next_action_at", "history"]
+    assert [dict(zip(columns, r, strict=True)) for r in rows] == list(
+        journal_entries(journal_document(columns, rows))
+    )
+    # One row shares nothing with another: written whole.
+    one = json.loads(journal_document(columns, rows[:1]))
+    assert "same" not in one and one["rows"] == [rows[0]]

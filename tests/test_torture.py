@@ -35,6 +35,8 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
 ) -> None:
     result = await run_torture(migrated_urls, tmp_path, CI, say=lambda _: None)
     summary = result.summary()
+    # pytest keeps only the last few temporary directories: a CI failure carries its evidence.
+    summary += "".join(f"\n{p.read_text()[:6000]}" for p in result.evidence[:2])
     assert result.ok, summary
     assert result.violations == [], summary
     assert result.verify_exit == 0, summary

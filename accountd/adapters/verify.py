@@ -28,7 +28,6 @@ and its target created together never show up as a violation.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from accountd.adapters.db import DATABASE_KEYS, open_databases
+from accountd.adapters.repository import journal_entries
 from accountd.adapters.schema import (
     account_metrics,
     account_status_logs,
@@ -306,13 +306,9 @@ async def _journaled_statuses(conn: AsyncConnection) -> dict[str, str]:
     j = accountd_supervision_journal
     latest: dict[str, str] = {}
     for (entries,) in await conn.execute(select(j.c.entries).order_by(j.c.id)):
-        doc = json.loads(entries)
-        columns = doc["columns"]
-        if "status" not in columns:
-            continue  # an admin's pause: no status in it
-        at, key = columns.index("status"), columns.index("account_id")
-        for row in doc["rows"]:
-            latest[row[key]] = row[at]
+        for row in journal_entries(entries):
+            if "status" in row:  # an admin's pause has none
+                latest[row["account_id"]] = row["status"]
     return latest
 
 
