@@ -123,6 +123,15 @@ def update_heartbeats(b: Binds, ids: Sequence[str], when: str) -> str:
     )
 
 
+def fresh_heartbeats(b: Binds, ids: Sequence[str], cutoff: str) -> str:
+    """``id, last_heartbeat_at`` of those of ``ids`` whose heartbeat is ``cutoff`` or later."""
+    in_list = ", ".join([b(i) for i in ids])
+    return (
+        "SELECT id, last_heartbeat_at FROM wework_accounts "  # noqa: S608
+        f"WHERE id IN ({in_list}) AND last_heartbeat_at >= {b(cutoff)}"
+    )
+
+
 def insert_logs(b: Binds, rows: Iterable[Sequence[Any]]) -> str:
     """One multi-row INSERT of account_status_logs rows (values in `LOG_COLUMNS` order)."""
     values = ", ".join([b.row(r) for r in rows])
@@ -160,6 +169,7 @@ __all__ = [
     "SUPERVISION_COLUMNS",
     "SUPERVISION_FIELDS",
     "Binds",
+    "fresh_heartbeats",
     "insert_logs",
     "sql_time",
     "update_heartbeats",

@@ -221,18 +221,24 @@ class AccountRepository:
         The re-check before declaring heartbeats lost (other services may write the column):
         the filter runs in the database, so a mass event, where nobody has a fresh heartbeat,
         reads back nothing but primary-key lookups. The column has whole seconds, so a row of
-        the very second of ``since`` is returned too; the caller compares exactly.
+        the very second of ``since`` is returned too; the caller compares exactly. Plain driver
+        SQL (`batch_sql`), like the heartbeat flush: a mass event re-checks 100,000 ids, and
+        SQLAlchemy's rendering of each ``IN`` list took about 8 µs of the event loop per id.
         """
-        a = wework_accounts
-        cutoff = to_db_time(float(int(since)))
+        cutoff = batch_sql.sql_time(to_db_time(float(int(since))))
+        assert cutoff is not None
         out: dict[str, float] = {}
         async with self.engine.connect() as conn:
             for chunk in _chunks(ids, self.chunk):
-                stmt = select(a.c.id, a.c.last_heartbeat_at).where(
-                    a.c.id.in_(chunk), a.c.last_heartbeat_at >= cutoff
-                )
-                for account_id, beat in (await conn.execute(stmt)).all():
-                    out[account_id] = from_db_time(beat) or 0.0
+                b = Binds(self.dialect)
+                sql = batch_sql.fresh_heartbeats(b, chunk, cutoff)
+                rows: list[Any] = list(await conn.exec_driver_sql(sql, b.params))
+                for account_id, beat in rows:
+                    # MySQL drivers give a datetime, sqlite3 the text SQLAlchemy stored.
+                    when = (
+                        beat if isinstance(beat, dt.datetime) else dt.datetime.fromisoformat(beat)
+                    )
+                    out[account_id] = from_db_time(when) or 0.0
         return out
 
     async def find_created(self, limit: int = 10_000) -> list[AccountRow]:
