@@ -141,6 +141,26 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
     assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
 
 
+async def test_unanswered_bulk_changes_commit_and_leave_the_door_idle(rig: Rig) -> None:
+    """A mass event's heartbeat losses carry no future (nobody waits for them): they must
+    still all commit, once each, and a stale one (the account moved on) is dropped."""
+    n = 1200
+    ids = await rig.insert([State.online] * n, heartbeat=rig.clock.now())
+    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
+    await sup.load()
+    await sup.start()
+    moved = sup.door.fire(Change(ids[0], Trigger.logged_out, "before the mass"))
+    assert await asyncio.wait_for(moved, 60) is ItemResult.APPLIED
+    for account_id in ids:
+        change = Change(account_id, Trigger.heartbeat_lost, "test", expect_state=State.online)
+        assert sup.door.fire_unanswered(change) is None
+    await asyncio.wait_for(sup.door.wait_idle(), 120)
+    await settle(sup, rig.clock)
+    assert (sup.counts[State.offline], sup.door.pending, sup.door.held) == (n, 0, 0)
+    assert [m["new_status"] for m in await rig.logs(ids[0])] == ["offline"]
+    assert [m["new_status"] for m in await rig.logs(ids[1])] == ["offline"]
+
+
 def test_bulk_changes_must_be_guarded() -> None:
     async def check() -> None:
         from accountd.daemon.door import Door
@@ -152,6 +172,8 @@ def test_bulk_changes_must_be_guarded() -> None:
             assert "expect_state" in str(exc)
         else:
             raise AssertionError("an unguarded bulk change must be refused")
+        with pytest.raises(ValueError, match="expect_state"):
+            door.fire_unanswered(Change("a", Trigger.heartbeat_lost, "x"))
 
     asyncio.run(check())
 

@@ -787,13 +787,17 @@ class Supervisor:
     def _fire(
         self, change: Change, *, bulk: bool = False, retry: str | None = None
     ) -> asyncio.Future[ItemResult] | None:
-        """Fire a change decided by the daemon itself; outcomes other than applied are logged.
+        """Fire a change decided by the daemon itself; outcomes other than applied are logged
+        (``bulk``, a mass event's: not even that, and no future is returned).
 
         When the door is full (a database outage), a decision that came from a deadline is not
         dropped: ``retry`` names the deadline kind to re-arm a moment later.
         """
         try:
-            fut = self.door.fire(change, bulk=bulk)
+            if bulk:
+                self.door.fire_unanswered(change)
+                return None
+            fut = self.door.fire(change)
         except Overloaded as exc:
             if retry is not None:
                 later = self.clock.now() + exc.retry_after + self.rng.uniform(0, 1.0)
