@@ -191,6 +191,10 @@ SQL_ALLOWED: dict[tuple[str, str], str] = {
     "placeholders",
     ("accountd/adapters/repository.py", "AccountRepository.write_heartbeats"): "runs "
     "batch_sql.update_heartbeats with its Binds parameters",
+    ("accountd/adapters/batch_sql.py", "fresh_heartbeats"): "same: two fixed columns plus "
+    "placeholders",
+    ("accountd/adapters/repository.py", "AccountRepository.fresh_heartbeats"): "runs "
+    "batch_sql.fresh_heartbeats with its Binds parameters",
     ("accountd/adapters/batch_sql.py", "upsert_supervision"): "same: SUPERVISION_COLUMNS",
     ("accountd/adapters/repository.py", "AccountRepository._update_statuses"): "runs the "
     "batch_sql text with its bound parameters",
