@@ -123,11 +123,22 @@ def update_heartbeats(b: Binds, ids: Sequence[str], when: str) -> str:
     )
 
 
-def fresh_heartbeats(b: Binds, ids: Sequence[str], cutoff: str) -> str:
-    """``id, last_heartbeat_at`` of those of ``ids`` whose heartbeat is ``cutoff`` or later."""
+def epoch_seconds(dialect: str, column: str) -> str:
+    """SQL for a DATETIME/TIMESTAMP column as epoch seconds (a float, microseconds kept)."""
+    if dialect == "mysql":
+        # The session time zone is UTC (accountd.adapters.db), so stored values are UTC.
+        return f"UNIX_TIMESTAMP({column}) + 0e0"
+    # SQLite keeps 'YYYY-MM-DD HH:MM:SS[.ffffff]' text: whole seconds plus the fraction.
+    return f"CAST(strftime('%s', {column}) AS REAL) + CAST(substr({column}, 20) AS REAL)"
+
+
+def fresh_heartbeats(b: Binds, ids: Sequence[str], cutoff: str, dialect: str) -> str:
+    """``id`` and ``last_heartbeat_at`` (epoch seconds) of those of ``ids`` whose heartbeat is
+    ``cutoff`` or later."""
     in_list = ", ".join([b(i) for i in ids])
+    beat = epoch_seconds(dialect, "last_heartbeat_at")
     return (
-        "SELECT id, last_heartbeat_at FROM wework_accounts "  # noqa: S608
+        f"SELECT id, {beat} FROM wework_accounts "  # noqa: S608
         f"WHERE id IN ({in_list}) AND last_heartbeat_at >= {b(cutoff)}"
     )
 
@@ -169,6 +180,7 @@ __all__ = [
     "SUPERVISION_COLUMNS",
     "SUPERVISION_FIELDS",
     "Binds",
+    "epoch_seconds",
     "fresh_heartbeats",
     "insert_logs",
     "sql_time",

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from accountd.adapters.batch_sql import epoch_seconds
+
 
 class LoadedRow(NamedTuple):
     """One account as loaded; supervision fields are None when it has no supervision row."""
@@ -54,20 +56,11 @@ class LoadedRow(NamedTuple):
     paused_reason: str | None
 
 
-def _epoch(dialect: str, column: str) -> str:
-    """SQL for a DATETIME/TIMESTAMP column as epoch seconds (a float, microseconds kept)."""
-    if dialect == "mysql":
-        # The session time zone is UTC (accountd.adapters.db), so stored values are UTC.
-        return f"UNIX_TIMESTAMP({column}) + 0e0"
-    # SQLite keeps 'YYYY-MM-DD HH:MM:SS[.ffffff]' text: whole seconds plus the fraction.
-    return f"CAST(strftime('%s', {column}) AS REAL) + CAST(substr({column}, 20) AS REAL)"
-
-
 def load_statement(dialect: str, *, bounded: bool = False) -> str:
     """One page of the load, keyset by id: the ``:limit`` accounts after ``:after``, or
     (``bounded``) every account in (``:after``, ``:last``]."""
     beat, entered, next_at, since = (
-        _epoch(dialect, c)
+        epoch_seconds(dialect, c)
         for c in ("a.last_heartbeat_at", "s.entered_at", "s.next_action_at", "s.online_since")
     )
     history = "CAST(s.offline_history AS CHAR)" if dialect == "mysql" else "s.offline_history"
@@ -239,7 +232,7 @@ _AFTER = "last_heartbeat_at >= :ts AND (last_heartbeat_at > :ts OR id > :id)"
 
 
 def heartbeats_statement(dialect: str) -> str:
-    beat = _epoch(dialect, "last_heartbeat_at")
+    beat = epoch_seconds(dialect, "last_heartbeat_at")
     # A range on idx_last_heartbeat (whose entries carry the id), keyset by (time, id).
     return (
         f"SELECT id, {beat} FROM wework_accounts "  # noqa: S608 - fixed text, bound values

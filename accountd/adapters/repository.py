@@ -231,14 +231,9 @@ class AccountRepository:
         async with self.engine.connect() as conn:
             for chunk in _chunks(ids, self.chunk):
                 b = Binds(self.dialect)
-                sql = batch_sql.fresh_heartbeats(b, chunk, cutoff)
+                sql = batch_sql.fresh_heartbeats(b, chunk, cutoff, self.dialect)
                 rows: list[Any] = list(await conn.exec_driver_sql(sql, b.params))
-                for account_id, beat in rows:
-                    # MySQL drivers give a datetime, sqlite3 the text SQLAlchemy stored.
-                    when = (
-                        beat if isinstance(beat, dt.datetime) else dt.datetime.fromisoformat(beat)
-                    )
-                    out[account_id] = from_db_time(when) or 0.0
+                out.update((account_id, float(beat)) for account_id, beat in rows)
         return out
 
     async def find_created(self, limit: int = 10_000) -> list[AccountRow]:
