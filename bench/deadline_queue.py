@@ -12,7 +12,7 @@ second at a million accounts). This replays that: ``--accounts`` online accounts
 fixed rotation (not timed), then ``--seconds`` of simulated time in 10 ms steps, each step
 taking what is due in rounds of 5,000. It prints CPU µs per check taken for:
 
-* `HeartbeatChecks.sweep` (the daemon since 2026-12-04): each check a time and an account id
+* `HeartbeatChecks.sweep` (the daemon since 2026-12-04): each check a time and the account
   in a bucket's parallel lists, checked and re-armed in place;
 * `DeadlineQueue` (the daemon before): ``pop_due``, the account looked up by id and checked,
   the re-arms in one ``set_many``, as `Supervisor._on_due` did;
@@ -94,7 +94,7 @@ def replay(kind: str, accounts: int, seconds: float) -> tuple[int, float, float]
     ]
     rng.shuffle(accs)
     registry = {acc.id: acc for acc in accs}
-    checks = HeartbeatChecks(TIMEOUT, registry)
+    checks = HeartbeatChecks(TIMEOUT)
     queue: DeadlineQueue | HeapQueue = HeapQueue() if kind == "heap" else DeadlineQueue()
     for p, acc in enumerate(accs):
         # Position p in the rotation beats at t0 + (p / n) * 15 s, then every 15 s. Its check

@@ -428,7 +428,7 @@ def test_runner_rejects_a_useless_batch_size(bad: int, clock: FakeClock) -> None
 
 
 class Registry(dict[str, Account]):
-    """The supervisor's id → account registry, which `HeartbeatChecks` looks ids up in."""
+    """Online accounts by id, as the supervisor's registry holds them."""
 
     def online(self, name: str, *, entered: float = T0 - 100, beat: float | None = None) -> Account:
         acc = Account(
@@ -445,7 +445,7 @@ class Registry(dict[str, Account]):
 
 def test_a_check_re_arms_an_account_that_beat_and_hands_back_one_that_did_not() -> None:
     reg = Registry()
-    checks = HeartbeatChecks(45.0, reg)
+    checks = HeartbeatChecks(45.0)
     beating, silent, never = (
         reg.online("beating"),
         reg.online("silent"),
@@ -467,7 +467,7 @@ def test_a_check_re_arms_an_account_that_beat_and_hands_back_one_that_did_not() 
 
 def test_set_replaces_and_discard_or_leaving_online_drops_a_pending_check() -> None:
     reg = Registry()
-    checks = HeartbeatChecks(10.0, reg)
+    checks = HeartbeatChecks(10.0)
     a, b, c = reg.online("a"), reg.online("b"), reg.online("c")
     checks.set(a, T0 + 5)
     checks.set(a, T0 + 50)  # later: the first pair is stale
@@ -487,7 +487,7 @@ def test_set_replaces_and_discard_or_leaving_online_drops_a_pending_check() -> N
 
 def test_a_check_set_at_or_before_the_sorted_head_comes_first_and_limits_hold() -> None:
     reg = Registry()
-    checks = HeartbeatChecks(45.0, reg)
+    checks = HeartbeatChecks(45.0)
     late = [reg.online(f"late{i}") for i in range(1000)]
     for i, acc in enumerate(late):
         checks.set(acc, T0 + 30 + i * 0.001)  # one bucket, sorted when its time comes
@@ -508,7 +508,7 @@ def test_heartbeat_checks_agree_with_a_model_under_random_use() -> None:
     rng = random.Random(11)
     timeout = 1.0
     reg = Registry()
-    checks = HeartbeatChecks(timeout, reg)
+    checks = HeartbeatChecks(timeout)
     accounts = [reg.online(f"a{i}", entered=T0) for i in range(200)]
     model: dict[str, float] = {}
     now = T0
@@ -566,12 +566,15 @@ def test_heartbeat_checks_agree_with_a_model_under_random_use() -> None:
 def test_a_deleted_account_is_skipped_and_re_arms_leave_nothing_for_the_collector() -> None:
     reg = Registry()
     kept, deleted = reg.online("kept"), reg.online("deleted")
-    checks = HeartbeatChecks(45.0, reg)
+    checks = HeartbeatChecks(45.0)
     for i in range(1000):
         checks.set(reg.online(f"a{i}", beat=T0), T0 + 30 + i / 1000)
     checks.set(kept, T0 + 10)
     checks.set(deleted, T0 + 10)
-    del reg["deleted"]  # `Supervisor.forget`: no longer in the registry
+    # `Supervisor.forget`: out of the registry, its check discarded. The check still holds the
+    # object, which is all it looks at.
+    del reg["deleted"]
+    HeartbeatChecks.discard(deleted)
     assert checks.sweep(T0 + 10) == ([kept], 2)
     # A million checks re-armed every 30-45 s: a re-arm that made a tracked object (a tuple)
     # would leave a million of them for the next collection to walk.
@@ -589,7 +592,7 @@ def test_a_deleted_account_is_skipped_and_re_arms_leave_nothing_for_the_collecto
 
 def test_a_sweep_costs_what_comes_due_not_what_is_watched() -> None:
     reg = Registry()
-    checks = HeartbeatChecks(45.0, reg)
+    checks = HeartbeatChecks(45.0)
     accounts = [reg.online(f"a{i}", beat=T0) for i in range(10_000)]
     for i, acc in enumerate(accounts):
         checks.set(acc, T0 + 1 + 44 * i / len(accounts))
@@ -607,7 +610,7 @@ async def test_runner_hands_expired_checks_over_and_wakes_for_an_earlier_one(
         DeadlineQueue(),
         rec,
         clock=clock,
-        checks=HeartbeatChecks(45.0, reg),
+        checks=HeartbeatChecks(45.0),
         on_expired=lambda accs: expired.append((clock.now(), [a.id for a in accs])),
     )
     beating, silent = reg.online("beating", beat=T0), reg.online("silent", beat=T0 - 50)
@@ -646,7 +649,7 @@ async def test_a_failing_on_expired_is_logged_and_its_accounts_checked_again(
         DeadlineQueue(),
         Recorder(clock),
         clock=clock,
-        checks=HeartbeatChecks(45.0, reg),
+        checks=HeartbeatChecks(45.0),
         on_expired=on_expired,
     )
     acc = reg.online("a", beat=T0 - 100)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from accountd.adapters.db import Databases
 from accountd.adapters.repository import AccountRepository, from_db_time, to_db_time
@@ -490,6 +490,41 @@ async def test_two_thousand_online_to_offline_on_stale_heartbeat_in_few_batches(
     async with rig.dbs.platform.connect() as conn:
         statuses = (await conn.execute(select(a.c.status, func.count()).group_by(a.c.status))).all()
     assert [tuple(s) for s in statuses] == [("offline", n)]
+
+
+async def test_an_account_deleted_and_created_again_is_not_dropped_by_its_old_check(
+    rig: Rig,
+) -> None:
+    """Heartbeat checks hold the account object, not its id (`HeartbeatChecks`): the check of
+    a deleted account must die with it, not fire for a new account under the same id."""
+    t0 = rig.clock.now()
+    kept, gone = await rig.insert([State.online] * 2, heartbeat=t0)
+    sup = rig.supervisor(PolicyConfig(heartbeat_timeout=45), startup_grace=0)
+    assert await sup.load() == 2
+    await sup.start()
+    old = sup.accounts[gone]
+    async with rig.dbs.platform.begin() as conn:
+        await conn.execute(
+            delete(accountd_supervision).where(accountd_supervision.c.account_id == gone)
+        )
+        row = (
+            await conn.execute(select(wework_accounts).where(wework_accounts.c.id == gone))
+        ).one()
+        await conn.execute(delete(wework_accounts).where(wework_accounts.c.id == gone))
+    sup.forget([gone])
+    # Another service creates it again, online, with the same old heartbeat in its row.
+    async with rig.dbs.platform.begin() as conn:
+        await conn.execute(insert(wework_accounts).values(**row._mapping))
+    assert sup.adopt_new(list((await rig.repo.get_accounts([gone])).values())) == 1
+    assert sup.accounts[gone] is not old and old.heartbeat_check is None
+    await run_until(sup, rig.clock, t0 + 30)
+    beat(sup, [kept, gone])  # in memory only: nothing flushes them to the rows here
+
+    await run_until(sup, rig.clock, t0 + 46)  # the old check was due at t0 + 45
+    assert await rig.status(gone) is State.online and await rig.status(kept) is State.online
+    assert sup.door.stats.committed == 0 and await rig.total_logs() == 0
+    await run_until(sup, rig.clock, t0 + 76)  # silent since t0 + 30: both are dropped
+    assert sup.counts[State.offline] == 2
 
 
 __all__ = [

@@ -28,8 +28,8 @@ a fifth of the event loop in that one line (docs/benchmarks.md).
 Heartbeat checks are not re-armed on every heartbeat (that would be 100k pushes per 15 s): one
 is armed at ``entered_at + heartbeat_timeout`` and, when it comes due, re-armed at
 ``last_heartbeat + heartbeat_timeout`` if a heartbeat arrived meanwhile. Nearly every check is
-re-armed, so `HeartbeatChecks` holds ``(when, account_id)`` pairs in the same kind of calendar
-and does the check itself: no sequence number, no dict of live entries, no pair handed out.
+re-armed, so `HeartbeatChecks` holds each check as a time and the `Account` in the same kind of
+calendar and does the check itself: no sequence number, no dict of live entries, no pair handed out.
 
 `DeadlineRunner` is the single task that sleeps until the earliest deadline or check (woken
 early when an earlier one is set), takes what is due in batches and hands each batch to the
@@ -43,7 +43,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 
 from accountd.daemon.clock import Clock
 from accountd.statemachine import State
@@ -65,8 +65,9 @@ _TAKEN: _Entry = (math.inf, -1, "", "")
 OnDue = Callable[[list[tuple[str, str]]], Awaitable[None]]
 OnExpired = Callable[[list[Account]], None]
 
-# (when, account_id): a heartbeat check taken out of `HeartbeatChecks` (the rare paths).
-_Check = tuple[float, str]
+# (when, seq, account): a heartbeat check taken out of `HeartbeatChecks` (the rare paths);
+# `seq` orders checks due at one instant without ever comparing accounts.
+_Check = tuple[float, int, "Account"]
 
 
 class DeadlineQueue:
@@ -285,7 +286,7 @@ class HeartbeatChecks:
 
     The same calendar as `DeadlineQueue` (buckets of `RESOLUTION`, the earliest sorted when
     its time comes, a small heap for checks set at or before it), holding each check as a time
-    and an account id instead of ``(when, seq, id, kind)`` entries plus a dict of live ones.
+    and the account instead of ``(when, seq, id, kind)`` entries plus a dict of live ones.
     At a million accounts beating every 15 s with a 45 s timeout, ~25,000 checks come due a
     second and nearly all are re-armed: in the general queue each cost a pop, an ``(id, kind)``
     pair, the account's lookup, a new 4-tuple, a sequence number and two dict writes, and
@@ -297,27 +298,32 @@ class HeartbeatChecks:
     the old one is skipped when its time comes. Stale checks need no compaction: each is
     consumed within one timeout of being set.
 
-    A bucket is two parallel lists, times and ids, not a list of ``(when, id)`` pairs: a
-    re-arm then allocates nothing the garbage collector tracks (a float and a string are not
+    A bucket is two parallel lists, times and accounts, not a list of ``(when, account)``
+    pairs: a re-arm then allocates nothing the garbage collector tracks (a float is not
     tracked; a tuple is, until a collection looks at it). Re-arms free what they replace, so
     in the steady state no collection is triggered for minutes, and the first one then walked
     every pair made since: a full collection after 30 s of re-arms at a million accounts took
     159-160 ms with pairs, 49 ms with the lists (`bench.deadline_queue`, one machine).
+
+    The lists hold the `Account` objects themselves, not their ids: looking an id up in the
+    million-entry registry was the slowest line of the sweep (a cache miss or two before the
+    account's own), 6 % of the event loop during a mass event (py-spy, 2026-12-04). An account
+    deleted meanwhile is skipped like any stale check: `Supervisor.forget` discards its check.
     """
 
     RESOLUTION = DeadlineQueue.RESOLUTION
 
-    def __init__(self, timeout: float, accounts: Mapping[str, Account]) -> None:
+    def __init__(self, timeout: float) -> None:
         self.timeout = timeout  # seconds of silence that make a heartbeat expired
-        self._accounts = accounts  # the registry the ids are looked up in
-        self._buckets: dict[int, tuple[list[float], list[str]]] = {}
+        self._buckets: dict[int, tuple[list[float], list[Account]]] = {}
         self._keys: list[int] = []  # heap of the keys of `_buckets`
         # The earliest bucket, sorted by time, consumed from `_pos`.
         self._head_when: list[float] = []
-        self._head_ids: list[str] = []
+        self._head_accs: list[Account] = []
         self._head_key = _NO_KEY
         self._pos = 0
         self._early: list[_Check] = []  # a heap: set at or before the head's slice
+        self._seq = itertools.count()  # for `_early` only
         self._size = 0  # checks held, stale ones included
         #: Checks that came due so far (re-armed, expired or stale): a cost counter for tests.
         self.taken = 0
@@ -334,15 +340,15 @@ class HeartbeatChecks:
         self._size += 1
         key = int(when // self.RESOLUTION)
         if key <= self._head_key:
-            heapq.heappush(self._early, (when, acc.id))
+            heapq.heappush(self._early, (when, next(self._seq), acc))
             return
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = ([when], [acc.id])
+            self._buckets[key] = ([when], [acc])
             heapq.heappush(self._keys, key)
         else:
             bucket[0].append(when)
-            bucket[1].append(acc.id)
+            bucket[1].append(acc)
 
     @staticmethod
     def discard(acc: Account) -> None:
@@ -355,14 +361,14 @@ class HeartbeatChecks:
             if not self._keys:
                 return self._early[0] if self._early else None
             self._head_key = heapq.heappop(self._keys)
-            times, ids = self._buckets.pop(self._head_key)
+            times, accs = self._buckets.pop(self._head_key)
             # Sorted by time alone (ties stay in the order set), through the indices: the
             # sorted lists are the only objects made.
             order = sorted(range(len(times)), key=times.__getitem__)
             self._head_when = [times[i] for i in order]
-            self._head_ids = [ids[i] for i in order]
+            self._head_accs = [accs[i] for i in order]
             self._pos = 0
-        entry = (self._head_when[self._pos], self._head_ids[self._pos])
+        entry = (self._head_when[self._pos], -1, self._head_accs[self._pos])
         early = self._early
         return early[0] if early and early[0][0] < entry[0] else entry
 
@@ -377,9 +383,10 @@ class HeartbeatChecks:
         self._size -= 1
         self.taken += 1
 
-    def _live(self, check: _Check) -> Account | None:
-        acc = self._accounts.get(check[1])
-        return acc if acc is not None and acc.heartbeat_check is check[0] else None
+    @staticmethod
+    def _live(check: _Check) -> Account | None:
+        acc = check[2]
+        return acc if acc.heartbeat_check is check[0] else None
 
     def next_due(self) -> float | None:
         """When the earliest live check is due, or None when there is none."""
@@ -397,7 +404,6 @@ class HeartbeatChecks:
         expired: list[Account] = []
         timeout = self.timeout
         online = State.online
-        get = self._accounts.get
         inf = math.inf
         taken = 0
         while taken < limit:
@@ -411,7 +417,7 @@ class HeartbeatChecks:
                 self._check(first, now, expired)
                 continue
             # The common case in a tight loop: the sorted head, nothing set early.
-            times, ids, pos = self._head_when, self._head_ids, self._pos
+            times, accs, pos = self._head_when, self._head_accs, self._pos
             buckets, resolution, head_key = self._buckets, self.RESOLUTION, self._head_key
             end = min(len(times), pos + limit - taken)
             i = pos
@@ -420,10 +426,10 @@ class HeartbeatChecks:
                 if when > now:
                     break
                 times[i] = inf
-                acc = get(ids[i])
+                acc = accs[i]
                 i += 1
-                if acc is None or acc.heartbeat_check is not when or acc.status is not online:
-                    continue  # replaced, discarded or deleted since
+                if acc.heartbeat_check is not when or acc.status is not online:
+                    continue  # replaced or discarded (left online, deleted) since
                 last = acc.last_heartbeat
                 if last is None or last < acc.entered_at:
                     last = acc.entered_at
@@ -440,7 +446,7 @@ class HeartbeatChecks:
                     continue
                 acc.heartbeat_check = due
                 bucket[0].append(due)
-                bucket[1].append(acc.id)
+                bucket[1].append(acc)
                 self._size += 1
             self._pos = i
             self._size -= i - pos
@@ -492,7 +498,7 @@ class DeadlineRunner:
         # Heartbeat checks come due beside the queue's deadlines, in the same rounds; the
         # accounts whose check found no heartbeat go to ``on_expired`` (synchronous: it only
         # sorts them into the engine's re-check queues).
-        self.checks = checks if checks is not None else HeartbeatChecks(math.inf, {})
+        self.checks = checks if checks is not None else HeartbeatChecks(math.inf)
         self._on_expired = on_expired
         self._clock = clock
         self._batch_size = batch_size

@@ -155,7 +155,7 @@ class Supervisor:
         # Deadlines of every kind but one: online accounts' heartbeat checks, nearly all
         # re-armed when they come due, have a structure of their own (`HeartbeatChecks`).
         self.deadlines = DeadlineQueue()
-        self.checks = HeartbeatChecks(cfg.heartbeat_timeout, self.accounts)
+        self.checks = HeartbeatChecks(cfg.heartbeat_timeout)
         self.runner = DeadlineRunner(
             self.deadlines,
             self._on_due,
