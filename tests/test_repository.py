@@ -196,3 +196,54 @@ async def test_iter_accounts_pages_through_every_row_once(dbs: Databases) -> Non
         seen.extend(r.id for r in page)
     assert sorted(seen) == sorted(ids)
     assert pages == 5
+
+
+# Quotes, backslashes and the rest, as a worker's error text or an admin's reason may hold
+# them. On MariaDB the sessions run with NO_BACKSLASH_ESCAPES (accountd.adapters.db): the
+# driver then quotes by doubling single quotes only, and this is what says that loses nothing.
+AWKWARD = ["it's", "C:\\temp\\", "\\'; DROP TABLE x; --", 'say "hi"', "nul\x00byte", "%s %(p0)s"]
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["upsert", "journal"])
+async def test_awkward_text_round_trips_through_the_batch_statements(
+    dbs: Databases, journal: bool
+) -> None:
+    if dbs.platform.dialect.name == "mysql":
+        async with dbs.platform.connect() as conn:
+            mode = (await conn.exec_driver_sql("SELECT @@SESSION.sql_mode")).scalar()
+        assert "NO_BACKSLASH_ESCAPES" in str(mode).split(",")
+    ids = await insert_accounts(dbs, len(AWKWARD), status="waiting_qr")
+    repo = AccountRepository(dbs.platform)
+    requests = [
+        TransitionRequest(
+            i,
+            "waiting_qr",
+            "error",
+            f"fail: {text}",
+            error_details=text + "\\",
+            fields={"error_message": text, "login_qr_code": "\\" + text},
+            supervision={"paused": True, "paused_reason": text, "offline_history": [1.5]},
+        )
+        for i, text in zip(ids, AWKWARD, strict=True)
+    ]
+    assert all(
+        isinstance(o, Applied) for o in await repo.apply_transitions(requests, journal=journal)
+    )
+    if journal:
+        assert await repo.fold_journal() == (1, len(ids))
+    a, lg, s = wework_accounts, account_status_logs, accountd_supervision
+    async with dbs.platform.connect() as conn:
+        found = {
+            r[0]: tuple(r[1:])
+            for r in await conn.execute(
+                select(a.c.id, a.c.error_message, a.c.login_qr_code, lg.c.change_reason)
+                .add_columns(lg.c.error_details, s.c.paused_reason)
+                .join(lg, lg.c.account_id == a.c.id)
+                .join(s, s.c.account_id == a.c.id)
+                .where(a.c.id.in_(ids))
+            )
+        }
+    assert found == {
+        i: (text, "\\" + text, f"fail: {text}", text + "\\", text)
+        for i, text in zip(ids, AWKWARD, strict=True)
+    }
