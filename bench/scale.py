@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import Engine, bindparam, create_engine, make_url, text
+from sqlalchemy import Connection, Engine, bindparam, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from accountd.ctl import Client as CtlClient
@@ -680,6 +680,12 @@ class Watch:
 
     def __init__(self, url: str, ids: Sequence[str], accounts: int) -> None:
         self.engine = sync_engine(url)
+        # One connection for the whole phase, like `RawReads`. A new one per round (ten a
+        # second) cost this process a fifth of a core, most of it pymysql loading the
+        # system's CA certificates for each connection, and the database a login each time:
+        # CPU that the daemon and the database compete for on this machine (py-spy,
+        # 2026-12-04).
+        self._conn: Connection | None = None
         self.pending = set(ids)
         self.accounts = accounts
         self.seen: dict[str, float] = {}  # id → when first seen gone
@@ -694,8 +700,10 @@ class Watch:
         ).bindparams(bindparam("ids", expanding=True))
 
     def _gone(self, ids: list[str]) -> list[str]:
-        with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(self._query, {"ids": ids})]
+        # One round at a time (each awaits its thread), so the connection is never shared.
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return [r[0] for r in self._conn.execute(self._query, {"ids": ids})]
 
     async def run(self, session: aiohttp.ClientSession, metrics_url: str) -> None:
         key = 'accountd_accounts{state="online"}'
@@ -721,6 +729,8 @@ class Watch:
                         max(0.0, self.INTERVAL - (time.perf_counter() - started)),
                     )
         finally:
+            if self._conn is not None:
+                self._conn.close()
             self.engine.dispose()
 
     def stop(self) -> None:
