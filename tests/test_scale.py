@@ -36,7 +36,13 @@ from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.adapters.worker import WorkerClient
 from accountd.daemon import fastjson, supervisor
 from accountd.daemon.clock import FakeClock
-from accountd.daemon.ingest import INGEST_SLICE, IngestServer, make_ingest_app
+from accountd.daemon.ingest import (
+    INGEST_SLICE,
+    BatchRejected,
+    IngestServer,
+    make_ingest_app,
+    validate_heartbeats,
+)
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.protocol import ItemResult, WorkerEvent
 from accountd.daemon.runtime_metrics import (
@@ -580,6 +586,77 @@ def test_fast_json_encodes_results_like_the_stdlib() -> None:
 def test_orjson_is_used_when_installed() -> None:
     pytest.importorskip("orjson", reason="the `fast` extra is not installed")
     assert fastjson.BACKEND == "orjson"
+
+
+def _beat(account_id: Any = "acc-1", at: Any = "2026-11-28T10:00:00Z", **extra: Any) -> bytes:
+    return json.dumps({"account_id": account_id, "at": at, **extra}).encode()
+
+
+def _batch(*items: bytes, head: bytes = b'{"heartbeats": [', tail: bytes = b"]}") -> bytes:
+    return head + b", ".join(items) + tail
+
+
+# Heartbeat batches msgspec takes or refuses; the general way decides the same in every case.
+HEARTBEAT_BATCHES = {
+    "plain": _batch(_beat(), _beat("acc-2", "2026-11-28T10:00:01+08:00")),
+    "empty": _batch(),
+    "extra-keys": _batch(_beat(extra=[1, {"deep": [[[]]]}]), head=b'{"v": 2, "heartbeats": ['),
+    "ignored-nan": _batch(b'{"account_id": "a", "at": "2026-11-28T10:00:00Z", "n": NaN}'),
+    "ignored-huge-int": _batch(_beat(n=10**30)),
+    "duplicate-key": _batch(
+        b'{"account_id": "a", "account_id": "b", "at": "2026-11-28T10:00:00Z"}'
+    ),
+    "nul-escape": _batch(_beat("a\u0000b".encode().decode("unicode_escape"))),
+    "lone-surrogate": _batch(b'{"account_id": "a\\ud800", "at": "2026-11-28T10:00:00Z"}'),
+    "raw-control": _batch(b'{"account_id": "a\x01", "at": "2026-11-28T10:00:00Z"}'),
+    "not-an-object": _batch(_beat(), b'"acc-1"'),
+    "id-number": _batch(_beat(42)),
+    "at-missing": _batch(b'{"account_id": "acc-1"}'),
+    "at-number": _batch(_beat(at=1)),
+    "at-bad": _batch(_beat(at="yesterday")),
+    "id-too-long": _batch(_beat("x" * 37)),
+    "top-level-array": b"[" + _beat() + b"]",
+    "not-array": b'{"heartbeats": {}}',
+    "bom": b"\xef\xbb\xbf" + _batch(_beat()),
+    "invalid-utf8": _batch(b'{"account_id": "acc-\xff", "at": "2026-11-28T10:00:00Z"}'),
+    "trailing": _batch(_beat()) + b" x",
+    "deep-in-ignored": _batch(
+        b'{"account_id": "a", "at": "2026-11-28T10:00:00Z", "d": '
+        + b"[" * 3000
+        + b"]" * 3000
+        + b"}"
+    ),
+    "too-many-one-bad": _batch(*[_beat()] * 4, b"7"),
+}
+
+
+@pytest.mark.parametrize("body", HEARTBEAT_BATCHES.values(), ids=HEARTBEAT_BATCHES.keys())
+def test_heartbeat_batches_get_one_answer_with_or_without_msgspec(
+    body: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("msgspec", reason="the `fast` extra is not installed")
+
+    def outcome() -> Any:
+        try:
+            return ("ok", validate_heartbeats(body, max_batch=4))
+        except BatchRejected as exc:
+            return ("rejected", exc.status, exc.code, exc.message)
+
+    fast = outcome()
+    monkeypatch.setattr(fastjson, "_heartbeat_fields", None)
+    assert fastjson.heartbeat_fields(body) is None
+    assert fast == outcome()
+
+
+def test_msgspec_decodes_heartbeat_batches_when_installed() -> None:
+    pytest.importorskip("msgspec", reason="the `fast` extra is not installed")
+    assert fastjson.HEARTBEATS_BACKEND == "msgspec"
+    assert fastjson.heartbeat_fields(HEARTBEAT_BATCHES["extra-keys"]) == (
+        ["acc-1"],
+        ["2026-11-28T10:00:00Z"],
+    )
+    for refused in ("ignored-nan", "lone-surrogate", "not-an-object", "at-missing"):
+        assert fastjson.heartbeat_fields(HEARTBEAT_BATCHES[refused]) is None
 
 
 # ---------------------------------------------------------------- runtime metrics

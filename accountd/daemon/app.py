@@ -567,5 +567,7 @@ def run_daemon(settings: Settings) -> int:
     settings.require_runnable()
     # orjson comes with the `fast` extra; uvloop was measured too and did not pay (ingest is
     # bound by the Python work per heartbeat, not by the event loop): docs/benchmarks.md.
-    log.info("JSON for ingest: %s", fastjson.BACKEND)
+    log.info(
+        "JSON for ingest: %s (heartbeat batches: %s)", fastjson.BACKEND, fastjson.HEARTBEATS_BACKEND
+    )
     return asyncio.run(Daemon(settings).run())
