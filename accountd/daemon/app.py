@@ -565,8 +565,9 @@ def changed_keys(old: Settings, new: Settings) -> list[str]:
 def run_daemon(settings: Settings) -> int:
     """`accountd run`: the daemon in the foreground until SIGTERM/SIGINT."""
     settings.require_runnable()
-    # orjson comes with the `fast` extra; uvloop was measured too and did not pay (ingest is
-    # bound by the Python work per heartbeat, not by the event loop): docs/benchmarks.md.
+    # orjson and msgspec come with the `fast` extra; uvloop was measured too and did not pay
+    # (ingest is bound by the Python work per heartbeat, not by the event loop):
+    # docs/benchmarks.md.
     log.info(
         "JSON for ingest: %s (heartbeat batches: %s)", fastjson.BACKEND, fastjson.HEARTBEATS_BACKEND
     )

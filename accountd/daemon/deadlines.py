@@ -29,7 +29,8 @@ Heartbeat checks are not re-armed on every heartbeat (that would be 100k pushes 
 is armed at ``entered_at + heartbeat_timeout`` and, when it comes due, re-armed at
 ``last_heartbeat + heartbeat_timeout`` if a heartbeat arrived meanwhile. Nearly every check is
 re-armed, so `HeartbeatChecks` holds each check as a time and the `Account` in the same kind of
-calendar and does the check itself: no sequence number, no dict of live entries, no pair handed out.
+calendar and does the check itself: on the common path no sequence number, no dict of live
+entries, no pair handed out.
 
 `DeadlineRunner` is the single task that sleeps until the earliest deadline or check (woken
 early when an earlier one is set), takes what is due in batches and hands each batch to the
@@ -67,7 +68,7 @@ OnExpired = Callable[[list[Account]], None]
 
 # (when, seq, account): a heartbeat check taken out of `HeartbeatChecks` (the rare paths);
 # `seq` orders checks due at one instant without ever comparing accounts.
-_Check = tuple[float, int, "Account"]
+_Check = tuple[float, int, Account]
 
 
 class DeadlineQueue:

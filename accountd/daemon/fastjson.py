@@ -51,6 +51,16 @@ except ModuleNotFoundError:
     msgspec = None  # type: ignore[assignment]
 
 
+if msgspec is not None:
+    # gc=False: the decoded items hold strings only, so the collector need not track them.
+    class _Beat(msgspec.Struct, gc=False):
+        account_id: str
+        at: str
+
+    class _Batch(msgspec.Struct, gc=False):
+        heartbeats: list[_Beat]
+
+
 def _heartbeats_decoder() -> Callable[[bytes], tuple[list[str], list[str]] | None] | None:
     """`heartbeat_fields` with msgspec, or None without it."""
     if msgspec is None:
@@ -66,16 +76,6 @@ def _heartbeats_decoder() -> Callable[[bytes], tuple[list[str], list[str]] | Non
         return [b.account_id for b in beats], [b.at for b in beats]
 
     return fields
-
-
-if msgspec is not None:
-    # gc=False: the decoded items hold strings only, so the collector need not track them.
-    class _Beat(msgspec.Struct, gc=False):
-        account_id: str
-        at: str
-
-    class _Batch(msgspec.Struct, gc=False):
-        heartbeats: list[_Beat]
 
 
 _heartbeat_fields: Final = _heartbeats_decoder()
