@@ -27,10 +27,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from accountd.adapters.db import Databases
-from accountd.adapters.schema import account_status_logs, accountd_supervision, operation_logs
+from accountd.adapters.repository import AccountRepository, Applied, utcnow
+from accountd.adapters.schema import (
+    account_status_logs,
+    accountd_supervision,
+    operation_logs,
+    wework_accounts,
+)
 from accountd.daemon.app import Daemon
 from accountd.daemon.control_socket import (
     Acl,
@@ -40,6 +46,7 @@ from accountd.daemon.control_socket import (
     peer_of,
     role_of,
 )
+from accountd.daemon.control_views import account_rows, scrub
 from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.errors import ConfigError
@@ -417,6 +424,43 @@ async def test_force_dry_run_recover_and_errors_through_accountctl(
             ("account.recover", "success"),
         ]
         assert [r for r in await status_logs(dbs, b) if r["operator_id"]] == []
+
+
+async def test_show_reads_the_account_and_its_supervision_row_in_one_statement(
+    migrated_urls: dict[str, str],
+) -> None:
+    """`account_rows`: the account row without its secrets and the supervision row, or None
+    where there is none, from ONE statement (each statement under load is a chance to stall)."""
+    dbs = Databases(migrated_urls)
+    statements: list[str] = []
+    try:
+        a, b = await seed_accounts(dbs, 2)
+        repo = AccountRepository(dbs.platform)
+        sup = {"entered_at": utcnow(), "attempts": 2, "next_action": "timeout", "epoch": 0}
+        assert isinstance(
+            await repo.apply_transition(a, "created", "initializing", "t", supervision=sup),
+            Applied,
+        )
+        event.listen(
+            dbs.platform.sync_engine,
+            "before_cursor_execute",
+            lambda _c, _cur, sql, *_: statements.append(sql),
+        )
+        row, supervised = await account_rows(dbs.platform, a)
+        assert len(statements) == 1
+        assert supervised == scrub(await supervision(dbs, a))
+        assert supervised is not None and supervised["attempts"] == 2
+        assert row is not None and row["id"] == a and row["status"] == "initializing"
+        visible = {c.name for c in wework_accounts.c} - {"wework_secret", "login_qr_code"}
+        assert set(row) == visible | {"wework_secret_set", "login_qr_code_set"}
+        assert row["wework_secret_set"] is True and row["login_qr_code_set"] is False
+        assert SECRET not in json.dumps(row, default=str)
+
+        row, supervised = await account_rows(dbs.platform, b)  # no supervision row yet
+        assert row is not None and row["id"] == b and supervised is None
+        assert await account_rows(dbs.platform, "no-such-account") == (None, None)
+    finally:
+        await dbs.dispose()
 
 
 async def test_show_list_history_status_and_reload(

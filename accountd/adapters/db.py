@@ -22,8 +22,8 @@ from sqlalchemy.sql import Executable
 from accountd.errors import DatabaseUnavailable
 
 DATABASE_KEYS: tuple[str, ...] = ("core", "platform", "analytics")
-# Connections kept for admin reads (accountctl's show runs three reads at once), and at most
-# as many again under load.
+# Connections kept for admin reads (accountctl's show runs two reads at once; a second show or a
+# history beside it), and at most as many again under load.
 READ_POOL_SIZE = 3
 
 
@@ -81,7 +81,7 @@ def make_engine(
     ``reads=True`` (MySQL/MariaDB): a small pool for the control API's reads (`fetch_all`),
     in autocommit mode and without the pre-ping. A checkout with pre-ping costs a round trip
     before the query, and the return to the pool another (the rollback): three per read, and
-    `accountctl show` makes three reads. Without the ping, and with autocommit (each SELECT
+    `accountctl show` makes two reads. Without the ping, and with autocommit (each SELECT
     its own transaction, so there is nothing to roll back and the rollback is skipped), a
     read is one round trip. A connection the server closed meanwhile fails once, is
     discarded, and `fetch_all` retries on a fresh one.

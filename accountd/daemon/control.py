@@ -59,7 +59,7 @@ from accountd.daemon.control_views import (
     PAYLOAD_TOO_LARGE,
     PERMISSION_DENIED,
     UNAVAILABLE,
-    account_row,
+    account_rows,
     details,
     error_response,
     fail,
@@ -75,7 +75,6 @@ from accountd.daemon.control_views import (
     refusal,
     scrub,
     summary,
-    supervision_row,
 )
 from accountd.daemon.door import Change, Planned
 from accountd.daemon.outbox import Outbox
@@ -500,11 +499,9 @@ class _Api:
         body: dict[str, Any] = {"account": view}
         reads = self._reads_engine(sup)
         try:
-            row, supervision, history = await asyncio.wait_for(
+            (row, supervision), history = await asyncio.wait_for(
                 asyncio.gather(
-                    account_row(reads, acc.id),
-                    supervision_row(reads, acc.id),
-                    history_rows(reads, acc.id, SHOW_HISTORY),
+                    account_rows(reads, acc.id), history_rows(reads, acc.id, SHOW_HISTORY)
                 ),
                 DB_TIMEOUT,
             )

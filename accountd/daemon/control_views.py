@@ -215,27 +215,41 @@ def force_desc(old: State, new: State, reason: str) -> str:
     return f"force {old} -> {new}: {reason}"
 
 
-async def account_row(engine: AsyncEngine, account_id: str) -> dict[str, Any] | None:
-    a = wework_accounts
+async def account_rows(
+    engine: AsyncEngine, account_id: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The account's row (secrets left out, whether they are set shown instead) and its
+    supervision row, in one statement: the supervision row joined to the account's.
+
+    One statement, not two, because under load a statement now and then waits tens of ms for
+    the database (2026-12-05, MariaDB at a million accounts under the heartbeat flood: one of
+    `show`'s reads in parallel stalled while the others were long done, in about half of its
+    slowest answers), and each statement is a chance to meet such a wait. The supervision row
+    cannot outlive its account (its foreign key cascades), so the outer join loses nothing.
+    """
+    a, s = wework_accounts, accountd_supervision
     visible = [c for c in a.c if c.name not in SECRET_COLUMNS]
-    stmt = select(
-        *visible,
+    flags = [
         a.c.wework_secret.is_not(None).label("wework_secret_set"),
         a.c.login_qr_code.is_not(None).label("login_qr_code_set"),
-    ).where(a.c.id == account_id)
+    ]
+    supervised = [c.label(f"supervision_{c.name}") for c in s.c]
+    stmt = (
+        select(*visible, *flags, *supervised)
+        .select_from(a.outerjoin(s, s.c.account_id == a.c.id))
+        .where(a.c.id == account_id)
+    )
     rows = await fetch_all(engine, stmt)
     if not rows:
-        return None
-    row = rows[0]
-    data = dict(row._mapping)
-    flags = {k: bool(data.pop(k)) for k in ("wework_secret_set", "login_qr_code_set")}
-    return {**scrub(data), **flags}
-
-
-async def supervision_row(engine: AsyncEngine, account_id: str) -> dict[str, Any] | None:
-    s = accountd_supervision
-    rows = await fetch_all(engine, select(s).where(s.c.account_id == account_id))
-    return scrub(dict(rows[0]._mapping)) if rows else None
+        return None, None
+    values = rows[0]._mapping
+    # The flags after `scrub`, which would mask them for their names.
+    account = scrub({c.name: values[c.name] for c in visible})
+    account.update({f.name: bool(values[f.name]) for f in flags})
+    supervision = {c.name: values[label.name] for c, label in zip(s.c, supervised, strict=True)}
+    if supervision["account_id"] is None:  # no supervision row yet (the outer join's NULLs)
+        return account, None
+    return account, scrub(supervision)
 
 
 def scrub(value: Any) -> Any:
