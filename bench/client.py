@@ -13,6 +13,11 @@ line with what it did. Modes:
   one after another over ``--window`` seconds: staggered last heartbeats.
 - ``drop``: the same for accounts that are online already (``bench.scale``), after ``go``;
   prints when each account's last heartbeat was sent.
+- ``show``: after ``go``, one ``GET /v1/accounts/{id}`` on the control socket ``--socket``
+  every ``--tick`` seconds, exactly as ``accountctl show`` sends it (its client), over the
+  accounts in ``--ids`` in turn, until a second line on stdin; prints each request's seconds.
+  A process of its own, as ``accountctl`` is: what it waits for is the daemon, not the GIL of
+  a harness busy with its own probes. (``--url`` and ``--token`` are not used.)
 
 The ``at`` field of a heartbeat is when the worker saw the session alive; the daemon judges
 staleness by its own clock, so bodies may be encoded once and sent many times.
@@ -23,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +168,29 @@ async def drop(p: Poster, ids: list[str], args: argparse.Namespace) -> dict[str,
     return {"beats": beats, "seconds": time.perf_counter() - start, "last_sent": last_sent}
 
 
+def show(ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from accountd.ctl import Client as CtlClient
+
+    client = CtlClient(Path(args.socket), timeout=10)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    stop = threading.Event()
+
+    def stop_on_next_line() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=stop_on_next_line, daemon=True).start()
+    seconds: list[float] = []
+    for account_id in itertools.cycle(ids):
+        started = time.perf_counter()
+        client.call("GET", f"/v1/accounts/{account_id}")
+        seconds.append(time.perf_counter() - started)
+        if stop.wait(max(0.0, args.tick - (time.perf_counter() - started))):
+            break
+    return {"seconds": seconds, "requests": len(seconds), "errors": 0}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ids = Path(args.ids).read_text().split()
     connector = aiohttp.TCPConnector(limit=args.concurrency + 2)
@@ -174,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.client")
-    parser.add_argument("mode", choices=("flood", "mass", "stagger", "drop"))
+    parser.add_argument("mode", choices=("flood", "mass", "stagger", "drop", "show"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--ids", required=True, help="file with one account id per line")
@@ -184,8 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.0, help="heartbeats/s (0: unlimited)")
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--tick", type=float, default=0.05)
+    parser.add_argument("--socket", help="show: the daemon's control socket")
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(main_async(args))), flush=True)
+    if args.mode == "show":  # blocking, as accountctl is: no event loop in this process
+        result = show(Path(args.ids).read_text().split(), args)
+    else:
+        result = asyncio.run(main_async(args))
+    print(json.dumps(result), flush=True)
     return 0
 
 
