@@ -80,7 +80,12 @@ def from_db_time(value: dt.datetime | None) -> float | None:
     return value.timestamp()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, nor are the other objects built once per account per transition (`Applied`, the
+# planner's `Action`, `Effects` and `RecoveryDecision`, `TransitionEvent`): a mass event builds
+# 100,000 of each, and a frozen dataclass's __init__ sets every field through
+# object.__setattr__ (the planner's Effects: 0.93 µs frozen, 0.20 µs not). Nothing changes one
+# once it is built.
+@dataclass(slots=True)
 class TransitionRequest:
     """One status change to commit: the compare-and-set, its log row and supervision state."""
 
@@ -102,7 +107,7 @@ class TransitionRequest:
             raise ValueError(f"fields not settable with a transition: {sorted(unknown)}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see TransitionRequest
 class Applied:
     account_id: str
     log_id: str

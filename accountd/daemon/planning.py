@@ -34,14 +34,14 @@ FAIL = "fail"  # the recovery policy gave up → `fail`
 START = "start"  # created: ask the worker to open a session → `start`
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see accountd.adapters.repository.TransitionRequest
 class Action:
     kind: str
     at: float
     note: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see accountd.adapters.repository.TransitionRequest
 class Effects:
     """What `plan` decided and `after_commit` applies once the transaction has committed."""
 

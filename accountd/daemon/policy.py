@@ -363,7 +363,7 @@ class RecoveryLimiter:
 # -- decisions --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see accountd.adapters.repository.TransitionRequest
 class RecoveryDecision:
     """What to do next for one account, and the counters to persist with it.
 

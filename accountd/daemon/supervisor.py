@@ -88,7 +88,7 @@ POLL_PAGE = 2000
 POLL_MAX = 100_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see accountd.adapters.repository.TransitionRequest
 class TransitionEvent:
     """What listeners (metrics, alerts, the demo's printer) learn about a committed transition."""
 
