@@ -137,8 +137,12 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
     # The normal lane is served first: in the first batch, not after 3,000 bulk changes.
     assert order.index(other) < 500, order.index(other)
     assert sup.counts[State.offline] == n + 1
-    # The backlog was taken in bigger bites than the usual batch.
-    assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
+    if sup.repo.dialect == "mysql":
+        # The backlog was taken in bigger bites than the usual batch.
+        assert sup.door.stats.batches < n // 500 + 1, sup.door.stats
+    else:
+        # One writer: the usual size, so that a change behind a batch waits for 500, not more.
+        assert sup.door.stats.batches >= (n + 1) / 500, sup.door.stats
 
 
 async def test_unanswered_bulk_changes_commit_and_leave_the_door_idle(rig: Rig) -> None:
