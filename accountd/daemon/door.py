@@ -21,7 +21,8 @@ Throughput at scale (docs/benchmarks.md) comes from three things:
   order is kept. SQLite has one writer, so it gets ``pipeline=1``.
 * **Adaptive batches.** A backlog of bulk changes alone is taken ``max_batch`` at a time:
   fewer, larger statements and commits. With normal changes waiting, batches keep their usual
-  size, so they commit soon.
+  size, so they commit soon. (The supervisor gives SQLite no larger batches: with one writer,
+  a normal change also waits for the whole batch in flight.)
 * **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
   every batch takes the normal lane first and fills up from the bulk lane. A mass event then
   runs at full speed without delaying anyone else's change by more than about one batch.
