@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -30,7 +31,7 @@ import pytest
 from sqlalchemy import event, select
 
 from accountd.adapters.db import Databases
-from accountd.adapters.repository import AccountRepository, Applied, utcnow
+from accountd.adapters.repository import AccountRepository, Applied, history_rows, utcnow
 from accountd.adapters.schema import (
     account_status_logs,
     accountd_supervision,
@@ -46,7 +47,7 @@ from accountd.daemon.control_socket import (
     peer_of,
     role_of,
 )
-from accountd.daemon.control_views import account_rows, scrub
+from accountd.daemon.control_views import scrub, show_rows
 from accountd.daemon.demo import _free_port
 from accountd.daemon.simulator import WorkerSimulator
 from accountd.errors import ConfigError
@@ -426,39 +427,45 @@ async def test_force_dry_run_recover_and_errors_through_accountctl(
         assert [r for r in await status_logs(dbs, b) if r["operator_id"]] == []
 
 
-async def test_show_reads_the_account_and_its_supervision_row_in_one_statement(
+async def test_show_reads_the_account_its_supervision_row_and_history_in_one_statement(
     migrated_urls: dict[str, str],
 ) -> None:
-    """`account_rows`: the account row without its secrets and the supervision row, or None
-    where there is none, from ONE statement (each statement under load is a chance to stall)."""
+    """`show_rows`: the account row without its secrets, the supervision row (or None where
+    there is none) and the newest log rows, oldest first, as `history_rows` reads them, from ONE
+    statement (each statement under load is a chance to stall)."""
     dbs = Databases(migrated_urls)
     statements: list[str] = []
     try:
         a, b = await seed_accounts(dbs, 2)
         repo = AccountRepository(dbs.platform)
         sup = {"entered_at": utcnow(), "attempts": 2, "next_action": "timeout", "epoch": 0}
-        assert isinstance(
-            await repo.apply_transition(a, "created", "initializing", "t", supervision=sup),
-            Applied,
-        )
+        path = ["created", "initializing", "waiting_qr", "waiting_confirm"]
+        for old, new in itertools.pairwise(path):
+            applied = await repo.apply_transition(a, old, new, f"to {new}", supervision=sup)
+            assert isinstance(applied, Applied)
+        logged = await history_rows(dbs.platform, a, 10)
+        assert [r["new_status"] for r in logged] == path[1:]
         event.listen(
             dbs.platform.sync_engine,
             "before_cursor_execute",
             lambda _c, _cur, sql, *_: statements.append(sql),
         )
-        row, supervised = await account_rows(dbs.platform, a)
+        row, supervised, history = await show_rows(dbs.platform, a, 2)
         assert len(statements) == 1
+        assert history == logged[-2:]  # the newest two, oldest first
         assert supervised == scrub(await supervision(dbs, a))
         assert supervised is not None and supervised["attempts"] == 2
-        assert row is not None and row["id"] == a and row["status"] == "initializing"
+        assert row is not None and row["id"] == a and row["status"] == "waiting_confirm"
         visible = {c.name for c in wework_accounts.c} - {"wework_secret", "login_qr_code"}
         assert set(row) == visible | {"wework_secret_set", "login_qr_code_set"}
         assert row["wework_secret_set"] is True and row["login_qr_code_set"] is False
         assert SECRET not in json.dumps(row, default=str)
+        assert (await show_rows(dbs.platform, a, 10))[2] == logged
 
-        row, supervised = await account_rows(dbs.platform, b)  # no supervision row yet
-        assert row is not None and row["id"] == b and supervised is None
-        assert await account_rows(dbs.platform, "no-such-account") == (None, None)
+        # No supervision row and no history yet: the account alone.
+        row, supervised, history = await show_rows(dbs.platform, b, 20)
+        assert row is not None and row["id"] == b and supervised is None and history == []
+        assert await show_rows(dbs.platform, "no-such-account", 20) == (None, None, [])
     finally:
         await dbs.dispose()
 

@@ -59,7 +59,6 @@ from accountd.daemon.control_views import (
     PAYLOAD_TOO_LARGE,
     PERMISSION_DENIED,
     UNAVAILABLE,
-    account_rows,
     details,
     error_response,
     fail,
@@ -74,6 +73,7 @@ from accountd.daemon.control_views import (
     preview,
     refusal,
     scrub,
+    show_rows,
     summary,
 )
 from accountd.daemon.door import Change, Planned
@@ -499,11 +499,8 @@ class _Api:
         body: dict[str, Any] = {"account": view}
         reads = self._reads_engine(sup)
         try:
-            (row, supervision), history = await asyncio.wait_for(
-                asyncio.gather(
-                    account_rows(reads, acc.id), history_rows(reads, acc.id, SHOW_HISTORY)
-                ),
-                DB_TIMEOUT,
+            row, supervision, history = await asyncio.wait_for(
+                show_rows(reads, acc.id, SHOW_HISTORY), DB_TIMEOUT
             )
         except (OperationalError, DBAPIError, OSError, TimeoutError) as exc:
             # What the daemon knows is still worth showing while the database is away.

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from accountd.adapters.db import fetch_all
-from accountd.adapters.schema import accountd_supervision, wework_accounts
+from accountd.adapters.schema import account_status_logs, accountd_supervision, wework_accounts
 from accountd.daemon.door import Planned
 from accountd.daemon.protocol import ItemResult
 from accountd.daemon.supervisor import Supervisor
@@ -215,41 +215,57 @@ def force_desc(old: State, new: State, reason: str) -> str:
     return f"force {old} -> {new}: {reason}"
 
 
-async def account_rows(
-    engine: AsyncEngine, account_id: str
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The account's row (secrets left out, whether they are set shown instead) and its
-    supervision row, in one statement: the supervision row joined to the account's.
+async def show_rows(
+    engine: AsyncEngine, account_id: str, history: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """What `show` reads, in one statement: the account's row (secrets left out, whether they
+    are set shown instead), its supervision row, and its newest ``history`` log rows (oldest
+    first), as one result row per log row with the account's columns repeated beside it.
 
-    One statement, not two, because under load a statement now and then waits tens of ms for
+    One statement, not three, because under load a statement now and then waits tens of ms for
     the database (2026-12-05, MariaDB at a million accounts under the heartbeat flood: one of
     `show`'s reads in parallel stalled while the others were long done, in about half of its
     slowest answers), and each statement is a chance to meet such a wait. The supervision row
-    cannot outlive its account (its foreign key cascades), so the outer join loses nothing.
+    cannot outlive its account (its foreign key cascades), so the outer join loses nothing; the
+    log rows are an outer join too, so an account without history still comes back.
     """
-    a, s = wework_accounts, accountd_supervision
+    a, s, lg = wework_accounts, accountd_supervision, account_status_logs
     visible = [c for c in a.c if c.name not in SECRET_COLUMNS]
     flags = [
         a.c.wework_secret.is_not(None).label("wework_secret_set"),
         a.c.login_qr_code.is_not(None).label("login_qr_code_set"),
     ]
     supervised = [c.label(f"supervision_{c.name}") for c in s.c]
+    newest = (
+        select(lg).where(lg.c.account_id == account_id).order_by(lg.c.id.desc()).limit(history)
+    ).subquery("newest")
+    logged = [c.label(f"history_{c.name}") for c in newest.c]
     stmt = (
-        select(*visible, *flags, *supervised)
-        .select_from(a.outerjoin(s, s.c.account_id == a.c.id))
+        select(*visible, *flags, *supervised, *logged)
+        .select_from(
+            a.outerjoin(s, s.c.account_id == a.c.id).outerjoin(
+                newest, newest.c.account_id == a.c.id
+            )
+        )
         .where(a.c.id == account_id)
+        .order_by(newest.c.id)
     )
     rows = await fetch_all(engine, stmt)
     if not rows:
-        return None, None
+        return None, None, []
     values = rows[0]._mapping
     # The flags after `scrub`, which would mask them for their names.
     account = scrub({c.name: values[c.name] for c in visible})
     account.update({f.name: bool(values[f.name]) for f in flags})
+    logs = [
+        {c.name: r._mapping[label.name] for c, label in zip(newest.c, logged, strict=True)}
+        for r in rows
+        if r._mapping["history_id"] is not None  # the outer join's NULLs: no history yet
+    ]
     supervision = {c.name: values[label.name] for c, label in zip(s.c, supervised, strict=True)}
     if supervision["account_id"] is None:  # no supervision row yet (the outer join's NULLs)
-        return account, None
-    return account, scrub(supervision)
+        return account, None, logs
+    return account, scrub(supervision), logs
 
 
 def scrub(value: Any) -> Any:
