@@ -18,6 +18,9 @@ line with what it did. Modes:
   accounts in ``--ids`` in turn, until a second line on stdin; prints each request's seconds.
   A process of its own, as ``accountctl`` is: what it waits for is the daemon, not the GIL of
   a harness busy with its own probes. (``--url`` and ``--token`` are not used.)
+- ``reads``: the same pacing, but each time the read ``show`` makes, as plain SQL straight to
+  the database ``--db`` (``bench.scale.RawReads``): the ceiling beside ``show``, from a process
+  of its own for the same reason.
 
 The ``at`` field of a heartbeat is when the worker saw the session alive; the daemon judges
 staleness by its own clock, so bodies may be encoded once and sent many times.
@@ -33,7 +36,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +171,9 @@ async def drop(p: Poster, ids: list[str], args: argparse.Namespace) -> dict[str,
     return {"beats": beats, "seconds": time.perf_counter() - start, "last_sent": last_sent}
 
 
-def show(ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from accountd.ctl import Client as CtlClient
-
-    client = CtlClient(Path(args.socket), timeout=10)
+def paced(call: Callable[[str], object], ids: list[str], tick: float) -> dict[str, Any]:
+    """``call`` once per ``tick`` seconds over ``ids`` in turn, after ``go`` on stdin and until
+    a second line: each call's seconds."""
     print("ready", flush=True)
     sys.stdin.readline()
     stop = threading.Event()
@@ -184,11 +186,30 @@ def show(ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
     seconds: list[float] = []
     for account_id in itertools.cycle(ids):
         started = time.perf_counter()
-        client.call("GET", f"/v1/accounts/{account_id}")
+        call(account_id)
         seconds.append(time.perf_counter() - started)
-        if stop.wait(max(0.0, args.tick - (time.perf_counter() - started))):
+        if stop.wait(max(0.0, tick - (time.perf_counter() - started))):
             break
     return {"seconds": seconds, "requests": len(seconds), "errors": 0}
+
+
+def show(ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from accountd.ctl import Client as CtlClient
+
+    client = CtlClient(Path(args.socket), timeout=10)
+    return paced(
+        lambda account_id: client.call("GET", f"/v1/accounts/{account_id}"), ids, args.tick
+    )
+
+
+def reads(ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from bench.scale import RawReads  # bench.scale imports this module
+
+    raw = RawReads(args.db)
+    try:
+        return paced(raw.read, ids, args.tick)
+    finally:
+        raw.close()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,7 +225,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.client")
-    parser.add_argument("mode", choices=("flood", "mass", "stagger", "drop", "show"))
+    parser.add_argument("mode", choices=("flood", "mass", "stagger", "drop", "show", "reads"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--ids", required=True, help="file with one account id per line")
@@ -215,9 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--tick", type=float, default=0.05)
     parser.add_argument("--socket", help="show: the daemon's control socket")
+    parser.add_argument("--db", help="reads: the platform database's URL")
     args = parser.parse_args(argv)
-    if args.mode == "show":  # blocking, as accountctl is: no event loop in this process
-        result = show(Path(args.ids).read_text().split(), args)
+    if args.mode in ("show", "reads"):  # blocking, as accountctl is: no event loop here
+        result = {"show": show, "reads": reads}[args.mode](Path(args.ids).read_text().split(), args)
     else:
         result = asyncio.run(main_async(args))
     print(json.dumps(result), flush=True)
