@@ -210,9 +210,11 @@ def instrument(sup: Supervisor, seen: Observed) -> None:
     sup.repo.write_heartbeats = timed  # type: ignore[method-assign]
     apply = sup.repo.apply_transitions
 
-    async def timed_apply(requests: Sequence[TransitionRequest]) -> list[Outcome]:
+    async def timed_apply(
+        requests: Sequence[TransitionRequest], *, journal: bool = False
+    ) -> list[Outcome]:
         t0 = time.perf_counter()
-        outcomes = await apply(requests)
+        outcomes = await apply(requests, journal=journal)
         seen.batches.append((len(requests), t0, time.perf_counter() - t0))
         return outcomes
 
