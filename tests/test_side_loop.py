@@ -15,7 +15,7 @@ from accountd.daemon.clock import FakeClock
 from accountd.daemon.metrics import Metrics
 from accountd.daemon.metrics_http import STALLED_AFTER, MetricsServer
 from accountd.daemon.runtime_metrics import LoopLag
-from accountd.daemon.side_loop import SWITCH_INTERVAL, SideLoop, on_main
+from accountd.daemon.side_loop import SWITCH_INTERVAL, MainLoopHold, SideLoop, on_main
 from tests.test_metrics import get, metrics_settings
 
 
@@ -84,6 +84,93 @@ async def test_cancelling_the_caller_cancels_the_work_on_the_side_loop() -> None
             await task
         assert await asyncio.to_thread(cancelled.wait, 5)
     finally:
+        await side.stop()
+
+
+class Ticker:
+    """Counts the main loop's turns: each turn of its task adds one."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.turns += 1
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def held_turns(hold: MainLoopHold, ticker: Ticker, during: float) -> int:
+    """On the side loop: the main loop's turns over ``during`` seconds of a hold, counted from
+    when the main loop has surely reached the hold's callback."""
+    with hold():
+        await asyncio.sleep(0.05)
+        before = ticker.turns
+        await asyncio.sleep(during)
+        return ticker.turns - before
+
+
+async def test_a_hold_stops_the_main_loop_until_the_request_on_the_side_loop_ends() -> None:
+    side = SideLoop()
+    await side.start()
+    ticker = Ticker()
+    try:
+        hold = MainLoopHold(asyncio.get_running_loop(), longest=1.0, share=1.0)
+        assert await side.run(held_turns(hold, ticker, 0.1)) == 0
+        assert hold.holds == 1 and 0.15 <= hold.held_seconds < 1.0
+        turns = ticker.turns
+        await asyncio.sleep(0.01)
+        assert ticker.turns > turns  # going again once the request ended
+
+        # The same from the main loop itself would wait for itself: no hold.
+        with hold():
+            await asyncio.sleep(0.01)
+        assert hold.holds == 1
+    finally:
+        await ticker.stop()
+        await side.stop()
+
+
+async def test_a_hold_lasts_at_most_longest_and_draws_on_a_credit() -> None:
+    side = SideLoop()
+    await side.start()
+    ticker = Ticker()
+    try:
+        # A request longer than `longest`: the main loop goes on after `longest`.
+        hold = MainLoopHold(asyncio.get_running_loop(), longest=0.1, share=0.0)
+        assert await side.run(held_turns(hold, ticker, 0.3)) > 0
+        assert hold.holds == 1 and 0.1 <= hold.held_seconds < 0.3
+        # The credit is spent and (share 0) never comes back: no more holds.
+        assert await side.run(held_turns(hold, ticker, 0.1)) > 0
+        assert hold.holds == 1
+
+        # The credit grows back by `share` seconds per second of the (fake) clock.
+        now = [0.0]
+        hold = MainLoopHold(
+            asyncio.get_running_loop(), longest=0.5, share=0.25, clock=lambda: now[0]
+        )
+
+        async def spend() -> None:
+            with hold():
+                await asyncio.sleep(0.05)  # the main loop is in the hold by now
+                now[0] += 1.0  # by this clock it waited 1 s, more than its 0.5 s of credit
+
+        await side.run(spend())
+        await asyncio.sleep(0.01)
+        assert hold.holds == 1 and hold.held_seconds == 1.0
+        # Credit 0.5 - 1 + 1 × 0.25 = -0.25: none.
+        assert await side.run(held_turns(hold, ticker, 0.05)) > 0
+        assert hold.holds == 1
+        now[0] += 3.0  # -0.25 + 3 × 0.25 = 0.5 s of credit again
+        assert await side.run(held_turns(hold, ticker, 0.01)) == 0
+        assert hold.holds == 2
+    finally:
+        await ticker.stop()
         await side.stop()
 
 

@@ -80,7 +80,7 @@ from accountd.daemon.door import Change, Planned
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.priority import AdminLane
 from accountd.daemon.protocol import ItemResult
-from accountd.daemon.side_loop import on_main
+from accountd.daemon.side_loop import MainLoopHold, on_main
 from accountd.daemon.supervisor import Supervisor
 from accountd.errors import ConfigError, ControlError, DatabaseUnavailable, Overloaded
 from accountd.ids import uuid7
@@ -164,6 +164,7 @@ class ControlServer:
             lane=self.lane,
             main_loop=self.main_loop,
             reads=self._reads,
+            hold=MainLoopHold(self.main_loop) if self.main_loop is not None else None,
         )
         runner = web.AppRunner(
             app,
@@ -213,6 +214,7 @@ def make_control_app(
     lane: AdminLane | None = None,
     main_loop: asyncio.AbstractEventLoop | None = None,
     reads: AsyncEngine | None = None,
+    hold: MainLoopHold | None = None,
 ) -> web.Application:
     """The control API.
 
@@ -220,8 +222,9 @@ def make_control_app(
     `main_loop`: the supervisor's loop when the app is served by another one (the side loop).
     `show` and `history` then run where the app runs, reading the database through `reads`
     (an engine of that loop) and the account under `Supervisor.view_lock`: they answer
-    without waiting for a turn of the busy main loop. Every other endpoint walks or changes
-    the daemon's state, so it runs on the main loop, admitted to the lane there.
+    without waiting for a turn of the busy main loop, and with `hold` the main loop waits
+    while they run, so they do not wait for its thread's GIL either. Every other endpoint walks
+    or changes the daemon's state, so it runs on the main loop, admitted to the lane there.
     """
     api = _Api(host, version, reads)
     admin_lane = lane or AdminLane()
@@ -237,14 +240,24 @@ def make_control_app(
 
         return dispatch
 
+    def held(handler: Handler) -> Handler:
+        if hold is None:
+            return handler
+
+        async def holding(request: web.Request) -> web.StreamResponse:
+            with hold():
+                return await handler(request)
+
+        return holding
+
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[_boundary(acl, request_timeout)],
     )
     app.router.add_get("/v1/status", on_main_loop(api.status))
     app.router.add_get("/v1/accounts", on_main_loop(api.list_accounts))
-    app.router.add_get("/v1/accounts/{ref}", api.show)
-    app.router.add_get("/v1/accounts/{ref}/history", api.history)
+    app.router.add_get("/v1/accounts/{ref}", held(api.show))
+    app.router.add_get("/v1/accounts/{ref}/history", held(api.history))
     app.router.add_post("/v1/accounts/{ref}/force", on_main_loop(api.force))
     app.router.add_post("/v1/accounts/{ref}/recover", on_main_loop(api.recover))
     app.router.add_post("/v1/accounts/{ref}/pause", on_main_loop(api.pause))

@@ -20,6 +20,16 @@ flood at 1M: p50 24–33 ms against 17–21 ms). On MariaDB no other thread want
 side loop is idle, so the low interval costs nothing then; on SQLite, aiosqlite's worker
 thread trades the GIL with the main thread more often.
 
+The hand-over still fails when the main thread is off the CPU: it holds the GIL while the
+kernel runs something else (on a saturated 2-core machine: MariaDB, the clients), and a thread
+waiting for the GIL waits until the main thread is scheduled again, at each of the several
+wake-ups of a request. So a database read here is also held up by the main thread's turn on
+the CPU (`show` under a flood at a million accounts: its handler took p99 43.0 ms while the
+same read as plain SQL, from another process, took 21.5 ms). `MainLoopHold` removes that for
+`show` and `history`: while one runs, the main thread waits on an event, blocked and without the
+GIL, for at most `HOLD_LONGEST` and, over time, a `HOLD_SHARE` of the wall clock, so a script
+hammering the socket cannot stop ingest (docs/benchmarks.md, 2026-12-05).
+
 Rules for code running on this loop (see `accountd/daemon/control.py` and `metrics.py`):
 
 * no object of the main loop is awaited or touched here (futures, events, locks, engines);
@@ -34,10 +44,12 @@ it before the loop stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,10 @@ T = TypeVar("T")
 SWITCH_INTERVAL = 0.00025
 # How long `stop` waits for the thread once its loop was told to stop.
 JOIN_TIMEOUT = 5.0
+# `MainLoopHold`: one hold lasts at most this long (a read stuck on the database lets the main
+# loop go on after it), and holds take at most this share of the wall clock over time.
+HOLD_LONGEST = 0.05
+HOLD_SHARE = 0.25
 
 
 class SideLoop:
@@ -116,6 +132,67 @@ class SideLoop:
                 self._previous_interval = None
 
 
+class MainLoopHold:
+    """Holds the main loop while a request runs on the side loop (module docstring).
+
+    ``with hold():`` on the side loop puts a callback on the main loop that blocks its thread
+    (waiting on an event, without the GIL) until the block ends, or for at most ``longest``
+    seconds. The holds draw on a credit that grows by ``share`` seconds per second up to
+    ``longest``; with none left, a request runs without one. The main loop reaches the
+    callback after the callbacks ahead of it, a few ms under load; if the request ended first,
+    the callback returns at once.
+    """
+
+    def __init__(
+        self,
+        main_loop: asyncio.AbstractEventLoop,
+        *,
+        longest: float = HOLD_LONGEST,
+        share: float = HOLD_SHARE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loop = main_loop
+        self._longest = longest
+        self._share = share
+        self._clock = clock
+        # Both threads change the credit: the side loop's when a hold is asked for, the main
+        # loop's when it has waited.
+        self._lock = threading.Lock()
+        self._credit = longest
+        self._credited_at = clock()
+        self.holds = 0  # holds the main loop ran (it may have waited 0 s in them)
+        self.held_seconds = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        done = threading.Event()
+        with self._lock:
+            now = self._clock()
+            elapsed = now - self._credited_at
+            self._credit = min(self._longest, self._credit + elapsed * self._share)
+            self._credited_at = now
+            credit = self._credit
+        # Never the loop this runs on: it would wait for itself.
+        if credit > 0 and self._loop is not _running_loop():
+            # A closed main loop (shutting down) has nothing to hold.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._hold, done, credit)
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _hold(self, done: threading.Event, credit: float) -> None:
+        """On the main loop: wait for the request to end, at most ``credit`` seconds."""
+        started = self._clock()
+        done.wait(credit)
+        waited = self._clock() - started
+        with self._lock:
+            self._credit -= waited
+            self.holds += 1
+            self.held_seconds += waited
+
+
 async def on_main(loop: asyncio.AbstractEventLoop | None, work: Awaitable[T]) -> T:
     """Await ``work`` on ``loop`` (the main loop) from whichever loop runs this.
 
@@ -131,6 +208,13 @@ async def on_main(loop: asyncio.AbstractEventLoop | None, work: Awaitable[T]) ->
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wrapped(), loop))
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 async def _cancel_the_rest() -> None:
     """Cancel whatever is still running on the side loop (a stuck request, a timer)."""
     me = asyncio.current_task()
@@ -141,4 +225,4 @@ async def _cancel_the_rest() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-__all__ = ["SWITCH_INTERVAL", "SideLoop", "on_main"]
+__all__ = ["HOLD_LONGEST", "HOLD_SHARE", "SWITCH_INTERVAL", "MainLoopHold", "SideLoop", "on_main"]
