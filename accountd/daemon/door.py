@@ -23,12 +23,9 @@ Throughput at scale (docs/benchmarks.md) comes from three things:
   fewer, larger statements and commits. With normal changes waiting, batches keep their usual
   size, so they commit soon. (The supervisor gives SQLite no larger batches: with one writer,
   a normal change also waits for the whole batch in flight.)
-* **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane.
-  A batch takes the normal lane's changes, alone, whenever there are any, and the bulk lane's
-  otherwise. A mass event then runs at full speed without delaying anyone else's change by
-  more than the batch in flight: filled up from the bulk lane, the change's own batch took as
-  long again (SQLite at a million accounts, 2026-12-05: others' delay max 1.33 s, 500-change
-  batches at about 950/s).
+* **Two lanes.** Changes fired as part of a mass event (``bulk=True``) wait in their own lane;
+  every batch takes the normal lane first and fills up from the bulk lane. A mass event then
+  runs at full speed without delaying anyone else's change by more than about one batch.
 
 A batch of at least ``journal_min`` changes writes its supervision rows as one journal row (see
 `accountd.adapters.repository`): the multi-row upsert of those rows had cost the database more
@@ -454,8 +451,8 @@ class Door:
         self._queue.extendleft(reversed(waiting))
 
     def _take_batch(self) -> tuple[list[Change], bool]:
-        """The next batch: the normal lane's changes if there are any, else the bulk lane's;
-        one change per account. Also whether it holds changes of the bulk lane.
+        """The next batch: the normal lane first, then the bulk lane; one change per account.
+        Also whether it holds changes of the bulk lane.
 
         Changes of accounts already in the batch or in a batch being committed stay where they
         are and wait their turn.
@@ -468,8 +465,6 @@ class Door:
         exclusive_ahead = False
         from_bulk = False
         for lane in (self._queue, self._bulk):
-            if lane is self._bulk and batch:
-                break  # normal changes commit without a mass event's (module docstring)
             deferred: list[Change | _Exclusive] = []
             # Bounded: a lane full of one busy account's changes must not cost a full scan.
             budget = 4 * limit
