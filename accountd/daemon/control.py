@@ -164,7 +164,6 @@ class ControlServer:
             lane=self.lane,
             main_loop=self.main_loop,
             reads=self._reads,
-            hold=MainLoopHold(self.main_loop) if self.main_loop is not None else None,
         )
         runner = web.AppRunner(
             app,
@@ -214,7 +213,6 @@ def make_control_app(
     lane: AdminLane | None = None,
     main_loop: asyncio.AbstractEventLoop | None = None,
     reads: AsyncEngine | None = None,
-    hold: MainLoopHold | None = None,
 ) -> web.Application:
     """The control API.
 
@@ -222,8 +220,8 @@ def make_control_app(
     `main_loop`: the supervisor's loop when the app is served by another one (the side loop).
     `show` and `history` then run where the app runs, reading the database through `reads`
     (an engine of that loop) and the account under `Supervisor.view_lock`: they answer
-    without waiting for a turn of the busy main loop, and with `hold` the main loop waits
-    while they run, so they do not wait for its thread's GIL either. Every other endpoint walks
+    without waiting for a turn of the busy main loop, and the main loop waits while they run
+    (`MainLoopHold`), so they do not wait for its thread's GIL either. Every other endpoint walks
     or changes the daemon's state, so it runs on the main loop, admitted to the lane there.
     """
     api = _Api(host, version, reads)
@@ -239,6 +237,8 @@ def make_control_app(
             return await on_main(main_loop, admitted(request))
 
         return dispatch
+
+    hold = MainLoopHold(main_loop) if main_loop is not None else None
 
     def held(handler: Handler) -> Handler:
         if hold is None:
