@@ -161,8 +161,8 @@ async def spawn_client(mode: str, url: str, token: str, ids: Path, *extra: str) 
         mode,
         "--url",
         url,
-        "--token",
-        token,
+        # One argument: a random token may begin with "-", which argparse takes for an option.
+        f"--token={token}",
         "--ids",
         str(ids),
         *extra,
