@@ -587,6 +587,9 @@ class Run:
                 "show": summary(shown["seconds"]),
                 "raw_reads": summary(read["seconds"]),
                 "show_cli": summary(probe.cli),
+                # What holding the main loop during show (side_loop.MainLoopHold) cost ingest.
+                "holds": delta("accountd_main_loop_holds_total"),
+                "held_share": delta("accountd_main_loop_held_seconds_total") / wall,
                 "scrape": summary(probe.scrapes),
                 "scrape_bytes": probe.scrape_bytes,
                 "loop_lag": summary(probe.lags),
@@ -998,7 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report['args']['persist_interval'] + 2:g}s after the flood\n"
         f"accountctl show process (interpreter start included): p50 "
         f"{fl['show_cli']['p50'] * ms:.0f} ms, p99 {fl['show_cli']['p99'] * ms:.0f} ms "
-        f"({fl['show_cli']['n']} runs)\n"
+        f"({fl['show_cli']['n']} runs); the main loop held {fl.get('holds', 0):,.0f} times, "
+        f"{fl.get('held_share', 0):.1%} of the flood\n"
         f"main event loop's lag (its 0.1 s timer, sampled via /healthz) p50/p99/max "
         f"{fl['loop_lag']['p50'] * ms:.1f}/{fl['loop_lag']['p99'] * ms:.1f}/"
         f"{fl['loop_lag']['max'] * ms:.1f} ms; GET /healthz p50/p99/max "

@@ -767,3 +767,43 @@ async def test_show_history_and_health_answer_while_the_main_loop_is_stuck(
         status, body, ended = results["status"]
         assert status == 200, body
         assert ended >= released  # served by the main loop, after the hold
+
+
+async def test_main_loop_holds_of_show_and_history_are_exported_as_metrics(
+    migrated_urls: dict[str, str], tmp_path: Path, sock_dir: Path
+) -> None:
+    # What the holds cost the main loop is visible to the operator: one hold per show or
+    # history request, none for endpoints served by the main loop itself (status).
+    sock = sock_dir / "control.sock"
+    async with running(migrated_urls, tmp_path, sock, "", accounts=1) as stack:
+        account = stack.ids[0]
+        scrape = (socket.AF_INET, ("127.0.0.1", stack.daemon.metrics_port), "/metrics")
+
+        async def holds() -> tuple[float, float]:
+            status, body, _ = await asyncio.to_thread(_get, *scrape)
+            assert status == 200
+            values = dict(
+                line.split(" ")
+                for line in body.decode().splitlines()
+                if line.startswith("accountd_main_loop_held_seconds_total ")
+                or line.startswith("accountd_main_loop_holds_total ")
+            )
+            return (
+                float(values["accountd_main_loop_holds_total"]),
+                float(values["accountd_main_loop_held_seconds_total"]),
+            )
+
+        async def get(path: str) -> None:
+            status, body, _ = await asyncio.to_thread(_get, socket.AF_UNIX, str(sock), path)
+            assert status == 200, body
+
+        count, seconds = await holds()
+        await get(f"/v1/accounts/{account}")
+        await get(f"/v1/accounts/{account}/history")
+        await asyncio.sleep(0.05)  # each hold's callback has run on this (the main) loop
+        count_after, seconds_after = await holds()
+        assert count_after == count + 2
+        assert seconds_after >= seconds
+        await get("/v1/status")
+        await asyncio.sleep(0.05)
+        assert (await holds())[0] == count_after

@@ -46,6 +46,7 @@ from accountd.daemon.priority import AdminLane
 from accountd.daemon.runtime_metrics import (
     GcPauses,
     HeartbeatsPersisted,
+    MainLoopHolds,
     freeze_after_load,
     register,
 )
@@ -323,6 +324,8 @@ class Daemon:
         )
         self.control_socket = await side.run(control.start())
         stack.push_async_callback(side.call, control.stop)
+        if control.hold is not None:
+            stack.callback(register(self.registry, MainLoopHolds(control.hold)))
 
         self.ready = True
         stack.callback(metrics.mark_stopping)  # first thing at shutdown: /readyz says 503

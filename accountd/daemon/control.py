@@ -147,6 +147,8 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         self._inode: tuple[int, int] | None = None
         self._reads: AsyncEngine | None = None
+        # Held while show/history run on the side loop; its counts are metrics (app.py).
+        self.hold = MainLoopHold(main_loop) if main_loop is not None else None
 
     async def start(self) -> Path:
         """Bind and serve, on the loop that runs this (the side loop in the daemon)."""
@@ -163,6 +165,7 @@ class ControlServer:
             request_timeout=self.request_timeout,
             lane=self.lane,
             main_loop=self.main_loop,
+            hold=self.hold,
             reads=self._reads,
         )
         runner = web.AppRunner(
@@ -212,6 +215,7 @@ def make_control_app(
     request_timeout: float = REQUEST_TIMEOUT,
     lane: AdminLane | None = None,
     main_loop: asyncio.AbstractEventLoop | None = None,
+    hold: MainLoopHold | None = None,
     reads: AsyncEngine | None = None,
 ) -> web.Application:
     """The control API.
@@ -220,9 +224,10 @@ def make_control_app(
     `main_loop`: the supervisor's loop when the app is served by another one (the side loop).
     `show` and `history` then run where the app runs, reading the database through `reads`
     (an engine of that loop) and the account under `Supervisor.view_lock`: they answer
-    without waiting for a turn of the busy main loop, and the main loop waits while they run
-    (`MainLoopHold`), so they do not wait for its thread's GIL either. Every other endpoint walks
-    or changes the daemon's state, so it runs on the main loop, admitted to the lane there.
+    without waiting for a turn of the busy main loop, and with `hold` (of `main_loop`) the
+    main loop waits while they run, so they do not wait for its thread's GIL either. Every
+    other endpoint walks or changes the daemon's state, so it runs on the main loop, admitted
+    to the lane there.
     """
     api = _Api(host, version, reads)
     admin_lane = lane or AdminLane()
@@ -237,8 +242,6 @@ def make_control_app(
             return await on_main(main_loop, admitted(request))
 
         return dispatch
-
-    hold = MainLoopHold(main_loop) if main_loop is not None else None
 
     def held(handler: Handler) -> Handler:
         if hold is None:

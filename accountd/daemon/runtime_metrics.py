@@ -19,6 +19,11 @@ which is how long a callback waited for its turn (``accountd_event_loop_lag_seco
 /healthz is served by the side loop (`accountd.daemon.side_loop`), answering no longer proves
 that the main loop turns; the time since this timer last ran does.
 
+`MainLoopHolds` says what `accountd.daemon.side_loop.MainLoopHold` cost the main loop: how often
+a control-socket read (``show``, ``history``) held it and for how many seconds in all
+(``accountd_main_loop_holds_total``, ``accountd_main_loop_held_seconds_total``). By construction
+at most a quarter of the wall clock; ``rate()`` of the seconds says how much of it was used.
+
 ``accountd_heartbeats_persisted_total`` counts the rows the heartbeat flush wrote to
 ``last_heartbeat_at``: with ``accountd_heartbeats_received_total`` it shows the coalescing
 (received/s far above written/s, written/s bounded by accounts / ``persist_interval``).
@@ -36,6 +41,8 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from accountd.daemon.side_loop import MainLoopHold
 
 PAUSE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GENERATIONS: Final = (0, 1, 2)
@@ -206,6 +213,27 @@ class HeartbeatsPersisted(Collector):
         )
 
 
+class MainLoopHolds(Collector):
+    """The main-loop holds of the control socket's reads (module docstring)."""
+
+    def __init__(self, hold: MainLoopHold) -> None:
+        self._hold = hold
+
+    def collect(self) -> Iterator[Any]:
+        # Two plain attributes the main loop updates under the hold's lock; read without it,
+        # one may be one hold ahead of the other.
+        yield CounterMetricFamily(
+            "accountd_main_loop_holds",
+            "Times a control-socket read (show, history) held the main event loop.",
+            value=self._hold.holds,
+        )
+        yield CounterMetricFamily(
+            "accountd_main_loop_held_seconds",
+            "Seconds the main event loop spent held by control-socket reads.",
+            value=self._hold.held_seconds,
+        )
+
+
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     """Non-cumulative bucket counts (last = +Inf) as the (le, cumulative count) pairs that
     `HistogramMetricFamily` takes."""
@@ -234,6 +262,7 @@ __all__ = [
     "GcPauses",
     "HeartbeatsPersisted",
     "LoopLag",
+    "MainLoopHolds",
     "freeze_after_load",
     "register",
 ]
