@@ -54,6 +54,7 @@ from accountd.errors import ConfigError
 from accountd.settings import load_settings
 from tests.helpers import fast_simulator, write_config
 from tests.test_e2e import seed_accounts, start, statuses, wait_for
+from tests.test_metrics import parse, value
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534  # nobody / nogroup
@@ -782,16 +783,11 @@ async def test_main_loop_holds_of_show_and_history_are_exported_as_metrics(
         async def holds() -> tuple[float, float]:
             status, body, _ = await asyncio.to_thread(_get, *scrape)
             assert status == 200
-            values = dict(
-                line.split(" ")
-                for line in body.decode().splitlines()
-                if line.startswith("accountd_main_loop_held_seconds_total ")
-                or line.startswith("accountd_main_loop_holds_total ")
-            )
-            return (
-                float(values["accountd_main_loop_holds_total"]),
-                float(values["accountd_main_loop_held_seconds_total"]),
-            )
+            families = parse(body.decode())
+            names = ("accountd_main_loop_holds_total", "accountd_main_loop_held_seconds_total")
+            assert all(families[name][0] == "counter" for name in names)
+            count, seconds = (value(families, name) for name in names)
+            return count, seconds
 
         async def get(path: str) -> None:
             status, body, _ = await asyncio.to_thread(_get, socket.AF_UNIX, str(sock), path)
