@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -145,6 +146,89 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
         assert sup.door.stats.batches >= (n + 1) / 500, sup.door.stats
 
 
+async def test_a_change_fired_during_a_mass_event_commits_in_an_express_batch(rig: Rig) -> None:
+    """With every slot held by a mass event's batch (held here until released), a normal change
+    commits at once in a batch of its own, not filled from the bulk lane; one such batch at a
+    time. Without ``express`` (SQLite's one writer) it waits for the slot."""
+    bulk_ids = await rig.insert([State.online] * 1000, heartbeat=rig.clock.now())
+    first, second, third = await rig.insert([State.online] * 3, heartbeat=rig.clock.now())
+    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
+    assert sup.door.express is (sup.repo.dialect == "mysql")
+    sup.door.pipeline, sup.door.express = 1, True  # one slot, so one held batch fills it
+    await sup.load()
+    await sup.start()
+    release = asyncio.Event()
+    hold_second = asyncio.Event()
+    batches: list[list[str]] = []
+    apply = rig.repo.apply_transitions
+
+    async def held(requests: Sequence[TransitionRequest], *, journal: bool = False) -> list[Any]:
+        ids = [r.account_id for r in requests]
+        batches.append(ids)
+        if ids == [second]:
+            await hold_second.wait()
+        elif first not in ids and third not in ids:
+            await release.wait()
+        return await apply(requests, journal=journal)
+
+    rig.repo.apply_transitions = held  # type: ignore[method-assign]
+    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
+    futures = sup.door.fire_many(bulk, bulk=True)
+    while not batches:
+        await asyncio.sleep(0.001)
+    late = sup.door.fire(Change(first, Trigger.logged_out, "fired during the mass"))
+    assert await asyncio.wait_for(late, 30) is ItemResult.APPLIED
+    assert batches[1] == [first] and len(batches) == 2  # express, not filled from the bulk lane
+    # One express batch at a time: the next waits while one is in flight.
+    blocked = sup.door.fire(Change(second, Trigger.logged_out, "held express batch"))
+    while len(batches) < 3:
+        await asyncio.sleep(0.001)
+    waiting = sup.door.fire(Change(third, Trigger.logged_out, "behind the express batch"))
+    for _ in range(50):
+        await asyncio.sleep(0.002)
+    assert not waiting.done() and len(batches) == 3
+    hold_second.set()
+    assert await asyncio.wait_for(blocked, 30) is ItemResult.APPLIED
+    assert await asyncio.wait_for(waiting, 30) is ItemResult.APPLIED
+    assert [third] in batches
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*futures), 120)
+    await settle(sup, rig.clock)
+    assert sup.counts[State.offline] == len(bulk_ids) + 3
+    assert all(len(b) == 1 for b in batches if set(b) & {first, second, third})
+
+
+async def test_without_express_a_change_waits_for_the_mass_events_batch(rig: Rig) -> None:
+    bulk_ids = await rig.insert([State.online] * 1000, heartbeat=rig.clock.now())
+    (other,) = await rig.insert([State.online], heartbeat=rig.clock.now())
+    sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
+    sup.door.pipeline, sup.door.express = 1, False
+    await sup.load()
+    await sup.start()
+    release = asyncio.Event()
+    batches: list[list[str]] = []
+    apply = rig.repo.apply_transitions
+
+    async def held(requests: Sequence[TransitionRequest], *, journal: bool = False) -> list[Any]:
+        batches.append([r.account_id for r in requests])
+        await release.wait()
+        return await apply(requests, journal=journal)
+
+    rig.repo.apply_transitions = held  # type: ignore[method-assign]
+    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
+    futures = sup.door.fire_many(bulk, bulk=True)
+    while not batches:
+        await asyncio.sleep(0.001)
+    late = sup.door.fire(Change(other, Trigger.logged_out, "fired during the mass"))
+    for _ in range(50):
+        await asyncio.sleep(0.002)
+    assert not late.done() and len(batches) == 1
+    release.set()
+    assert await asyncio.wait_for(late, 30) is ItemResult.APPLIED
+    await asyncio.wait_for(asyncio.gather(*futures), 120)
+    assert other in batches[1] and len(batches[1]) == 200  # the next batch, filled up
+
+
 async def test_unanswered_bulk_changes_commit_and_leave_the_door_idle(rig: Rig) -> None:
     """A mass event's heartbeat losses carry no future (nobody waits for them): they must
     still all commit, once each, and a stale one (the account moved on) is dropped."""
@@ -260,7 +344,7 @@ async def test_a_mass_event_is_under_way_while_its_round_is_re_checked(rig: Rig)
     seen: list[bool] = []
     read = rig.repo.fresh_heartbeats
 
-    async def recorded(ids: list[str], since: float) -> dict[str, float]:
+    async def recorded(ids: Sequence[str], since: float) -> dict[str, float]:
         seen.append(sup.mass_under_way)  # the round left _stale_mass; nothing is in the door
         return await read(ids, since)
 
@@ -274,3 +358,42 @@ async def test_a_mass_event_is_under_way_while_its_round_is_re_checked(rig: Rig)
     assert seen == [True]
     assert sup.counts[State.offline] == len(crowd)
     assert not sup.mass_under_way
+
+
+async def test_a_mass_events_re_check_does_not_hold_up_a_small_rounds(rig: Rig) -> None:
+    """The database re-check of a mass event's round (held here until released) and a small
+    round that comes due meanwhile run in tasks of their own: the small round's accounts go
+    offline while the mass event's round is still being re-checked."""
+    t0 = rig.clock.now()
+    crowd = await rig.insert([State.online] * (MASS_EVENT + 10), heartbeat=t0 - 3600)
+    few = await rig.insert([State.online] * 3, heartbeat=t0 - 3600)
+    sup = rig.supervisor(QUIET, startup_grace=600)
+    await sup.load()
+    release = asyncio.Event()
+    read = rig.repo.fresh_heartbeats
+
+    async def held(ids: Sequence[str], since: float) -> dict[str, float]:
+        if set(ids) & set(crowd):
+            await release.wait()
+        return await read(ids, since)
+
+    rig.repo.fresh_heartbeats = held  # type: ignore[method-assign]
+    for account_id in crowd + few:
+        acc = sup.accounts[account_id]
+        acc.last_heartbeat = acc.entered_at = t0 - 3600
+    await sup.start()
+    sup._queue_stale([sup.accounts[i] for i in crowd])
+    await asyncio.sleep(0.01)
+    assert sup.mass_under_way
+    for account_id in few:
+        sup.accounts[account_id].last_heartbeat = t0 - 3000  # not in the crowd's slice
+    sup._queue_stale([sup.accounts[i] for i in few])
+    for _ in range(3000):
+        if sup.counts[State.offline] == len(few):
+            break
+        await asyncio.sleep(0.01)
+    assert sup.counts[State.offline] == len(few) and sup.busy
+    assert all(sup.accounts[i].status is State.online for i in crowd)
+    release.set()
+    await settle(sup, rig.clock)
+    assert sup.counts[State.offline] == len(crowd) + len(few)
