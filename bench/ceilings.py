@@ -43,7 +43,7 @@ from sqlalchemy import bindparam, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from accountd.adapters.batch_sql import SUPERVISION_COLUMNS
+from accountd.adapters.batch_sql import SUPERVISION_COLUMNS, status_term
 from accountd.adapters.repository import journal_document
 from bench.common import (
     Group,
@@ -244,8 +244,11 @@ async def grouped_transitions(
     if engine.dialect.name == "mysql":
         lock_sql += " FOR UPDATE"
     lock = text(lock_sql).bindparams(bindparam("ids", expanding=True))
+    # The term on status as the daemon writes it (`status_term`): on SQLite, without it the
+    # planner read idx_status (every account online) instead of the ids' primary keys.
+    status = status_term(engine.dialect.name)
     update = text(
-        "UPDATE wework_accounts SET status = :new WHERE id IN :ids AND status = :old"
+        f"UPDATE wework_accounts SET status = :new WHERE id IN :ids AND {status} = :old"
     ).bindparams(bindparam("ids", expanding=True))
     values = ", ".join(f"(:id_{i}, :a_{i}, :old, :new, 'bench')" for i in range(GROUP))
     insert = text(

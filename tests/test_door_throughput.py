@@ -9,14 +9,18 @@ changes in order; the heartbeat re-check reads back only fresh rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
+from accountd.adapters import migrate
 from accountd.adapters.batch_sql import Binds, update_status
 from accountd.adapters.repository import Applied, TransitionRequest, to_db_time
 from accountd.adapters.schema import accountd_supervision, wework_accounts
@@ -25,6 +29,7 @@ from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.protocol import ItemResult
 from accountd.daemon.supervisor import MASS_EVENT, MASS_SLICE
 from accountd.statemachine import State, Trigger
+from tests.conftest import sqlite_urls
 from tests.test_engine import Rig, open_rig, settle
 
 QUIET = PolicyConfig(heartbeat_timeout=600, base=600, cap=600)
@@ -56,6 +61,22 @@ def test_update_status_admits_only_whitelisted_columns() -> None:
         assert "not settable" in str(exc)
     else:
         raise AssertionError("an arbitrary column name must be refused")
+
+
+async def test_sqlite_reads_the_grouped_compare_and_sets_ids_by_primary_key(
+    tmp_path: Path,
+) -> None:
+    """Without statistics SQLite took ``status = ?`` for the better term and scanned idx_status
+    (every account in that status) for any batch of five or more; `status_term` keeps it on the
+    primary key."""
+    await migrate.upgrade(sqlite_urls(tmp_path))
+    with contextlib.closing(sqlite3.connect(tmp_path / "platform.db")) as conn:
+        for n in (1, 5, 500):
+            b = Binds("sqlite")
+            ids = [f"id-{i}" for i in range(n)]
+            sql = update_status(b, ids, "online", "offline", [("error_message", "x")])
+            plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", b.params))
+            assert "(id=?)" in plan and "idx_status" not in plan, (n, plan)
 
 
 async def test_hostile_text_and_supervision_values_round_trip_through_the_batch(
@@ -199,6 +220,8 @@ async def test_a_change_fired_during_a_mass_event_commits_in_an_express_batch(ri
 
 
 async def test_without_express_a_change_waits_for_the_mass_events_batch(rig: Rig) -> None:
+    """SQLite's one writer: a change fired during a mass event waits for the batch in flight,
+    then goes first in the next one."""
     bulk_ids = await rig.insert([State.online] * 1000, heartbeat=rig.clock.now())
     (other,) = await rig.insert([State.online], heartbeat=rig.clock.now())
     sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
@@ -226,7 +249,7 @@ async def test_without_express_a_change_waits_for_the_mass_events_batch(rig: Rig
     release.set()
     assert await asyncio.wait_for(late, 30) is ItemResult.APPLIED
     await asyncio.wait_for(asyncio.gather(*futures), 120)
-    assert other in batches[1] and len(batches[1]) == 200  # the next batch, filled up
+    assert batches[1][0] == other and len(batches[1]) == 200  # first in the next batch
 
 
 async def test_unanswered_bulk_changes_commit_and_leave_the_door_idle(rig: Rig) -> None:

@@ -63,6 +63,7 @@ class Binds:
     """Named parameters of one driver-level statement; equal values share one parameter."""
 
     def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
         # aiomysql interpolates ``%(name)s`` (pyformat); sqlite3 binds ``:name``.
         self._open, self._close = ("%(", ")s") if dialect == "mysql" else (":", "")
         self.params: dict[str, Any] = {}
@@ -109,8 +110,22 @@ def update_status(
         raise ValueError(f"columns not settable with a status change: {bad}")
     sets = ", ".join([f"status = {b(new)}", *(f"{col} = {b(val)}" for col, val in extra)])
     in_list = ", ".join([b(i) for i in ids])
+    where = f"{status_term(b.dialect)} = {b(expected)} AND id IN ({in_list})"
     # S608: the text holds fixed names and placeholders only; every value is a bound parameter.
-    return f"UPDATE wework_accounts SET {sets} WHERE status = {b(expected)} AND id IN ({in_list})"  # noqa: S608
+    return f"UPDATE wework_accounts SET {sets} WHERE {where}"  # noqa: S608
+
+
+def status_term(dialect: str) -> str:
+    """``status`` as the grouped compare-and-set compares it, so that the ids are looked up by
+    primary key.
+
+    SQLite has no statistics unless ANALYZE ran, and then takes an equality on an indexed
+    column for the more selective term: from five ids up it read ``idx_status`` instead, every
+    account in that status (a million at scale), and a batch cost 0.3-0.5 s whatever its size
+    (docs/benchmarks.md). The unary ``+`` keeps a term off its index (SQLite's documented way).
+    MariaDB/MySQL have statistics and read the ids by primary key; there the ``+`` is left out.
+    """
+    return "status" if dialect == "mysql" else "+status"
 
 
 def update_heartbeats(b: Binds, ids: Sequence[str], when: str) -> str:
@@ -184,6 +199,7 @@ __all__ = [
     "fresh_heartbeats",
     "insert_logs",
     "sql_time",
+    "status_term",
     "update_heartbeats",
     "update_status",
     "upsert_supervision",
