@@ -658,7 +658,7 @@ class Run:
             async def settled() -> bool:
                 return watch.gone_total() >= total and not watch.pending
 
-            # Generous: SQLite's grouped ceiling is ~1,500 transitions/s.
+            # Generous: SQLite's grouped ceiling is ~6,000 transitions/s on a 2-core machine.
             await wait_until(settled, t_out + 120 + m / 250, "every dropped account offline")
         finally:
             watch.stop()
