@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from accountd.adapters.schema import accountd_supervision, wework_accounts
 from accountd.daemon.door import Change
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.protocol import ItemResult
-from accountd.daemon.supervisor import MASS_EVENT, MASS_SLICE
+from accountd.daemon.supervisor import MASS_EVENT, MASS_SLICE, Supervisor
 from accountd.statemachine import State, Trigger
 from tests.conftest import sqlite_urls
 from tests.test_engine import Rig, open_rig, settle
@@ -167,10 +167,36 @@ async def test_a_bulk_backlog_does_not_hold_up_a_change_fired_after_it(rig: Rig)
         assert sup.door.stats.batches >= (n + 1) / 500, sup.door.stats
 
 
+async def mass_with_held_batches(
+    rig: Rig,
+    sup: Supervisor,
+    bulk_ids: Sequence[str],
+    hold: Callable[[list[str]], Awaitable[None]],
+) -> tuple[list[list[str]], list[asyncio.Future[ItemResult]]]:
+    """Fire ``bulk_ids``' heartbeat losses as a mass event, every batch awaiting ``hold`` (its
+    account ids) before it commits; returns the batches as they start (once the first has) and
+    the mass event's futures."""
+    batches: list[list[str]] = []
+    apply = rig.repo.apply_transitions
+
+    async def held(requests: Sequence[TransitionRequest], *, journal: bool = False) -> list[Any]:
+        ids = [r.account_id for r in requests]
+        batches.append(ids)
+        await hold(ids)
+        return await apply(requests, journal=journal)
+
+    rig.repo.apply_transitions = held  # type: ignore[method-assign]
+    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
+    futures = sup.door.fire_many(bulk, bulk=True)
+    while not batches:
+        await asyncio.sleep(0.001)
+    return batches, futures
+
+
 async def test_a_change_fired_during_a_mass_event_commits_in_an_express_batch(rig: Rig) -> None:
     """With every slot held by a mass event's batch (held here until released), a normal change
     commits at once in a batch of its own, not filled from the bulk lane; one such batch at a
-    time. Without ``express`` (SQLite's one writer) it waits for the slot."""
+    time. (Without ``express``, the next test.)"""
     bulk_ids = await rig.insert([State.online] * 1000, heartbeat=rig.clock.now())
     first, second, third = await rig.insert([State.online] * 3, heartbeat=rig.clock.now())
     sup = rig.supervisor(QUIET, startup_grace=600, batch_size=200)
@@ -180,23 +206,14 @@ async def test_a_change_fired_during_a_mass_event_commits_in_an_express_batch(ri
     await sup.start()
     release = asyncio.Event()
     hold_second = asyncio.Event()
-    batches: list[list[str]] = []
-    apply = rig.repo.apply_transitions
 
-    async def held(requests: Sequence[TransitionRequest], *, journal: bool = False) -> list[Any]:
-        ids = [r.account_id for r in requests]
-        batches.append(ids)
+    async def hold(ids: list[str]) -> None:
         if ids == [second]:
             await hold_second.wait()
         elif first not in ids and third not in ids:
             await release.wait()
-        return await apply(requests, journal=journal)
 
-    rig.repo.apply_transitions = held  # type: ignore[method-assign]
-    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
-    futures = sup.door.fire_many(bulk, bulk=True)
-    while not batches:
-        await asyncio.sleep(0.001)
+    batches, futures = await mass_with_held_batches(rig, sup, bulk_ids, hold)
     late = sup.door.fire(Change(first, Trigger.logged_out, "fired during the mass"))
     assert await asyncio.wait_for(late, 30) is ItemResult.APPLIED
     assert batches[1] == [first] and len(batches) == 2  # express, not filled from the bulk lane
@@ -229,19 +246,11 @@ async def test_without_express_a_change_waits_for_the_mass_events_batch(rig: Rig
     await sup.load()
     await sup.start()
     release = asyncio.Event()
-    batches: list[list[str]] = []
-    apply = rig.repo.apply_transitions
 
-    async def held(requests: Sequence[TransitionRequest], *, journal: bool = False) -> list[Any]:
-        batches.append([r.account_id for r in requests])
+    async def hold(_ids: list[str]) -> None:
         await release.wait()
-        return await apply(requests, journal=journal)
 
-    rig.repo.apply_transitions = held  # type: ignore[method-assign]
-    bulk = [Change(i, Trigger.heartbeat_lost, "test", expect_state=State.online) for i in bulk_ids]
-    futures = sup.door.fire_many(bulk, bulk=True)
-    while not batches:
-        await asyncio.sleep(0.001)
+    batches, futures = await mass_with_held_batches(rig, sup, bulk_ids, hold)
     late = sup.door.fire(Change(other, Trigger.logged_out, "fired during the mass"))
     for _ in range(50):
         await asyncio.sleep(0.002)
