@@ -330,13 +330,16 @@ async def server_version(url: str) -> str:
                 await conn.execute(
                     text(
                         "select version(), @@innodb_flush_log_at_trx_commit, "
-                        "@@innodb_buffer_pool_size"
+                        "@@innodb_buffer_pool_size, @@innodb_log_file_size, @@innodb_io_capacity"
                     )
                 )
             ).one()
+            # The redo log's size and the background flush rate decide when InnoDB stalls
+            # commits to write dirty pages back: figures are comparable only with them known.
             return (
                 f"{row[0]} (aiomysql; innodb_flush_log_at_trx_commit={row[1]}, "
-                f"buffer pool {int(row[2]) // 2**20} MiB)"
+                f"buffer pool {int(row[2]) // 2**20} MiB, redo log {int(row[3]) // 2**20} MiB, "
+                f"io_capacity {row[4]})"
             )
     finally:
         await engine.dispose()

@@ -77,7 +77,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with bench_databases(args.db, prefix="accountd_hbio") as urls:
         report["server"] = await server_version(urls["platform"])
         ids = (await seed(urls, [Group("online", args.accounts, "online")]))["online"]
-        await asyncio.sleep(ceilings.SETTLE)
+        await ceilings.settle(urls["platform"])
         engine = make_engine(urls["platform"])
         repo = AccountRepository(engine)
         flushes, polls = [], []
