@@ -8,8 +8,9 @@ Usage::
 The schema comes from our migrations (so indexes, foreign keys and column types are exactly the
 daemon's), and the rows are bulk-inserted; from then on every measured statement is plain SQL
 text executed through SQLAlchemy core on aiomysql/aiosqlite, with the connection settings the
-daemon uses (UTC session time zone on MySQL; WAL and ``synchronous=NORMAL`` on SQLite). Each
-figure runs for ``--seconds`` on one connection unless its name says otherwise:
+daemon uses (UTC session time zone on MySQL; WAL and ``synchronous=NORMAL`` on SQLite). The
+measuring starts once the server has settled (`settle`). Each figure runs for ``--seconds`` on
+one connection unless its name says otherwise:
 
 - naive heartbeats: one ``UPDATE … SET last_heartbeat_at=? WHERE id=?`` per row, each committed;
 - batched heartbeats: ``UPDATE … WHERE id IN (…1000 ids…)``, 10 statements per transaction;
