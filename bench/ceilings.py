@@ -66,9 +66,9 @@ JOURNAL_COLUMNS = list(SUPERVISION_COLUMNS)
 CONCURRENT = 8
 # After a large write (the seed; a daemon's run and its final flush) the server goes on working
 # for a while: InnoDB writes dirty pages back and purges old row versions. A ceiling measured
-# meanwhile is the server's leftovers as much as its speed: right after a 1M-account run the
-# grouped ceiling read 4,882 and 8,127/s, where the same machine settled gave 6,600-9,200/s
-# (2026-12-05), which flattered the daemon's ratio. So `settle` waits for that work to end:
+# meanwhile is the server's leftovers as much as its speed: 3 s after a 1M-account run the
+# grouped ceiling read 4,882/s, where the same machine settled gave 6,600-9,200/s (2026-12-05),
+# and the daemon's mass event read 114 % of it. So `settle` waits for that work to end:
 # at least SETTLE seconds, then (MariaDB/MySQL) until at most SETTLED_PAGES pages are dirty and
 # SETTLED_HISTORY undo records wait for purge, for at most SETTLE_MAX seconds.
 SETTLE = 3.0

@@ -1029,16 +1029,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{c['single_transitions_s']:,.0f}/s; grouped {c['grouped_transitions_s']:,.0f}/s; "
         f"grouped + supervision {c['grouped_transitions_supervision_s']:,.0f}/s; grouped + "
         f"journal {c.get('grouped_transitions_journal_s', float('nan')):,.0f}/s; "
-        f"{settled_line(report.get('settled'))}"
+        f"{settled_line(report['settled'])}"
     )  # fmt: skip
     if args.json:
         dump_json(args.json, report)
     return 0
 
 
-def settled_line(settled: dict[str, float] | None) -> str:
-    if not settled:
-        return "measured 3 s after the run"  # a report from before `ceilings.settle`
+def settled_line(settled: dict[str, float]) -> str:
     line = f"measured {settled['settle_s']:.1f} s after the run"
     if "dirty_pages" in settled:
         line += (
