@@ -45,6 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from accountd.adapters.batch_sql import SUPERVISION_COLUMNS, status_term
+from accountd.adapters.db import is_sqlite
 from accountd.adapters.repository import journal_document
 from bench.common import (
     Group,
@@ -82,7 +83,7 @@ async def settle(url: str) -> dict[str, float]:
     seconds, and on MariaDB/MySQL the dirty pages and purge backlog it ended with."""
     started = time.perf_counter()
     await asyncio.sleep(SETTLE)
-    if make_url(url).get_backend_name() != "mysql":
+    if is_sqlite(url):
         return {"settle_s": time.perf_counter() - started}
     engine = raw_engine(url, pool_size=1)
     query = text(
