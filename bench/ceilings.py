@@ -70,10 +70,13 @@ CONCURRENT = 8
 # meanwhile is the server's leftovers as much as its speed: 3 s after a 1M-account run the
 # grouped ceiling read 4,882/s, where the same machine settled gave 6,600-9,200/s (2026-12-05),
 # and the daemon's mass event read 114 % of it. So `settle` waits for that work to end:
-# at least SETTLE seconds, then (MariaDB/MySQL) until at most SETTLED_PAGES pages are dirty and
-# SETTLED_HISTORY undo records wait for purge, for at most SETTLE_MAX seconds.
+# at least SETTLE seconds, then (MariaDB/MySQL) until at most SETTLED_HISTORY undo records wait
+# for purge and at most SETTLED_PAGES pages are dirty, or the dirty count has not moved for
+# SETTLE_STILL seconds (an idle InnoDB may leave thousands of pages dirty indefinitely: 7,439 for
+# minutes after a test run), for at most SETTLE_MAX seconds.
 SETTLE = 3.0
 SETTLE_MAX = 120.0
+SETTLE_STILL = 5.0
 SETTLED_PAGES = 1000
 SETTLED_HISTORY = 1000
 
@@ -90,14 +93,19 @@ async def settle(url: str) -> dict[str, float]:
         "SELECT name, count FROM information_schema.INNODB_METRICS "
         "WHERE name IN ('buffer_pool_pages_dirty', 'trx_rseg_history_len')"
     )
+    previous, moved = -1.0, started
     try:
         while True:
             async with engine.connect() as conn:
                 found = {name: float(count) for name, count in (await conn.execute(query)).all()}
             dirty = found.get("buffer_pool_pages_dirty", 0.0)
             history = found.get("trx_rseg_history_len", 0.0)
-            waited = time.perf_counter() - started
-            quiet = dirty <= SETTLED_PAGES and history <= SETTLED_HISTORY
+            now = time.perf_counter()
+            if dirty != previous:
+                previous, moved = dirty, now
+            waited = now - started
+            written_back = dirty <= SETTLED_PAGES or now - moved >= SETTLE_STILL
+            quiet = written_back and history <= SETTLED_HISTORY
             if quiet or waited >= SETTLE_MAX:
                 return {"settle_s": waited, "dirty_pages": dirty, "purge_backlog": history}
             await asyncio.sleep(0.5)
