@@ -95,17 +95,10 @@ async def settle(url: str) -> dict[str, float]:
     if is_sqlite(url):
         return {"settle_s": time.perf_counter() - started}
     engine = raw_engine(url, pool_size=1)
-    query = text(
-        "SELECT name, count FROM information_schema.INNODB_METRICS "
-        "WHERE name IN ('buffer_pool_pages_dirty', 'trx_rseg_history_len')"
-    )
     previous, moved = -1.0, started
     try:
         while True:
-            async with engine.connect() as conn:
-                found = {name: float(count) for name, count in (await conn.execute(query)).all()}
-            dirty = found.get("buffer_pool_pages_dirty", 0.0)
-            history = found.get("trx_rseg_history_len", 0.0)
+            dirty, history = await _innodb_backlog(engine)
             now = time.perf_counter()
             if dirty != previous:
                 previous, moved = dirty, now
@@ -117,6 +110,29 @@ async def settle(url: str) -> dict[str, float]:
             await asyncio.sleep(0.5)
     finally:
         await engine.dispose()
+
+
+async def backlog(url: str) -> dict[str, float]:
+    """The server's unfinished work right now (MariaDB/MySQL; empty on SQLite): dirty pages
+    not yet written back and undo records not yet purged (see `settle`)."""
+    if is_sqlite(url):
+        return {}
+    engine = raw_engine(url, pool_size=1)
+    try:
+        dirty, history = await _innodb_backlog(engine)
+    finally:
+        await engine.dispose()
+    return {"dirty_pages": dirty, "purge_backlog": history}
+
+
+async def _innodb_backlog(engine: AsyncEngine) -> tuple[float, float]:
+    query = text(
+        "SELECT name, count FROM information_schema.INNODB_METRICS "
+        "WHERE name IN ('buffer_pool_pages_dirty', 'trx_rseg_history_len')"
+    )
+    async with engine.connect() as conn:
+        found = {name: float(count) for name, count in (await conn.execute(query)).all()}
+    return found.get("buffer_pool_pages_dirty", 0.0), found.get("trx_rseg_history_len", 0.0)
 
 
 def raw_engine(url: str, pool_size: int = CONCURRENT) -> AsyncEngine:

@@ -63,7 +63,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from sqlalchemy import Connection, Engine, bindparam, create_engine, make_url, text
@@ -368,6 +368,15 @@ async def every(interval: float, fn: Callable[[], Awaitable[Any]], stop: asyncio
             await asyncio.wait_for(
                 stop.wait(), max(0.0, interval - (time.perf_counter() - started))
             )
+
+
+T = TypeVar("T")
+
+
+async def at_time(when: float, then: Awaitable[T]) -> T:
+    """``then``, awaited once the clock (`time.time`) reads ``when``."""
+    await asyncio.sleep(max(0.0, when - time.time()))
+    return await then
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
@@ -684,6 +693,12 @@ class Run:
             mass_sent = time.time()
             await asyncio.gather(*(poster.post("/v1/heartbeats", b) for b in bodies))
             mass_acked = time.time()
+            # What the server still had to do when the mass's deadlines came: the heartbeat
+            # flush before it leaves row versions to purge and pages to write back, which the
+            # ceilings (measured settled) do not compete with.
+            backlog = asyncio.create_task(
+                at_time(mass_sent + t_out, ceilings.backlog(self.platform_url))
+            )
             await go(drop_b)
             a_result, b_result = await drop_a.result(), await drop_b.result()
             total = m + 2 * k
@@ -719,6 +734,7 @@ class Run:
                 "transitions_s": m / (done - first_deadline),
                 "others": summary(others),
                 "with_mass": summary(with_mass),
+                "server_at_deadline": await backlog,
             },
             "poll_interval_s": Watch.INTERVAL,
             "gauge_interval_s": Watch.INTERVAL * Watch.GAUGE_EVERY,
@@ -964,6 +980,12 @@ def detection_line(r: Mapping[str, Any]) -> str:
         cpu = (
             f" (meanwhile the daemon used {ms['daemon_cpu']:.0%} of a core and the machine's "
             f"CPUs were {ms['machine_busy']:.0%} busy)"
+        )
+    server = ms.get("server_at_deadline")
+    if server:
+        cpu += (
+            f"; at its first deadline the server still had {server['purge_backlog']:,.0f} "
+            f"undo records to purge and {server['dirty_pages']:,.0f} dirty pages"
         )
     return (
         f"mass: all committed {ms['all_committed_after_deadline_s']:.1f} s after the earliest "
