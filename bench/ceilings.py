@@ -76,15 +76,16 @@ CONCURRENT = 8
 # SETTLE_STILL seconds (an idle InnoDB may leave thousands of pages dirty indefinitely: 7,439 for
 # minutes after a test run), for at most SETTLE_MAX seconds.
 SETTLE = 3.0
-# Even settled, one sample of the grouped ceiling is not the server's speed: back-to-back 5 s
-# samples on one settled 1M-row MariaDB read 12,678-17,127/s (2026-12-05, AMD EPYC), so a mass
-# event's ratio to one sample read 65 % in one run and 80 % in the next with the daemon at
-# ~10,000/s both times. `bench.scale` takes the median of GROUPED_SAMPLES and prints the range.
-GROUPED_SAMPLES = 3
 SETTLE_MAX = 120.0
 SETTLE_STILL = 5.0
 SETTLED_PAGES = 1000
 SETTLED_HISTORY = 1000
+# Even settled, one sample of the grouped ceiling is not the server's speed: 5 s samples read
+# 12,514-15,380/s within one 1M-account run, and 11,097-17,127/s back to back on freshly seeded
+# servers (2026-12-05, AMD EPYC), so a mass event's ratio to one sample read 65 % in one run and
+# 80 % in the next with the daemon at ~10,000/s both times. `bench.scale` takes the median of
+# GROUPED_SAMPLES and prints the range.
+GROUPED_SAMPLES = 3
 
 
 async def settle(url: str) -> dict[str, float]:

@@ -687,6 +687,7 @@ class Run:
         await go(drop_a)
         watch = Watch(self.platform_url, set_a + set_b, len(self.ids))
         watching = asyncio.create_task(watch.run(self.session, self.metrics_url + "/metrics"))
+        backlog: asyncio.Task[dict[str, float]] | None = None
         try:
             await asyncio.sleep(15.0)
             bodies = [heartbeat_body(c) for c in chunks(mass, 10_000)]
@@ -708,6 +709,10 @@ class Run:
 
             # Generous: SQLite's grouped ceiling is ~6,000 transitions/s on a 2-core machine.
             await wait_until(settled, t_out + 120 + m / 250, "every dropped account offline")
+        except BaseException:
+            if backlog is not None:
+                backlog.cancel()
+            raise
         finally:
             watch.stop()
             await watching
@@ -734,7 +739,7 @@ class Run:
                 "transitions_s": m / (done - first_deadline),
                 "others": summary(others),
                 "with_mass": summary(with_mass),
-                "server_at_deadline": await backlog,
+                "server_at_deadline": await backlog if backlog is not None else {},
             },
             "poll_interval_s": Watch.INTERVAL,
             "gauge_interval_s": Watch.INTERVAL * Watch.GAUGE_EVERY,
