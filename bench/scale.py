@@ -63,7 +63,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from sqlalchemy import Connection, Engine, bindparam, create_engine, make_url, text
@@ -175,6 +175,17 @@ class Proc:
         return (int(fields[11]) + int(fields[12])) / self.ticks  # utime + stime
 
 
+class CpuSample(NamedTuple):
+    """One reading of the sampler. Two clocks: `perf` for windows the harness times itself
+    (the flood), `wall` for those timed by `time.time` (the mass event's deadlines)."""
+
+    perf: float
+    wall: float
+    cpu: float  # the daemon's CPU seconds so far
+    busy: int  # the machine's busy jiffies so far (`machine_jiffies`)
+    total: int
+
+
 @dataclass
 class Sampler:
     """RSS and CPU of the daemon every `interval` seconds while running."""
@@ -182,37 +193,35 @@ class Sampler:
     proc: Proc
     interval: float = 0.5
     rss: list[int] = field(default_factory=list)
-    cpu: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu seconds)
-    # (time.time(), the daemon's CPU seconds, the machine's busy and total jiffies): to tell,
-    # for a window timed by the clock (the mass event), whether the machine had CPU to spare.
-    clock: list[tuple[float, float, int, int]] = field(default_factory=list)
+    cpu: list[CpuSample] = field(default_factory=list)
 
     async def run(self) -> None:
         while True:
             self.rss.append(self.proc.rss())
-            cpu = self.proc.cpu_seconds()
-            self.cpu.append((time.perf_counter(), cpu))
-            self.clock.append((time.time(), cpu, *machine_jiffies()))
+            busy, total = machine_jiffies()
+            self.cpu.append(
+                CpuSample(time.perf_counter(), time.time(), self.proc.cpu_seconds(), busy, total)
+            )
             await asyncio.sleep(self.interval)
 
     def cpu_share(self, since: float) -> float:
-        """CPU seconds per wall second since `since` (1.0 = one core busy)."""
-        window = [c for c in self.cpu if c[0] >= since]
+        """CPU seconds per wall second since `since` (`time.perf_counter`; 1.0 = one core)."""
+        window = [c for c in self.cpu if c.perf >= since]
         if len(window) < 2:
             return float("nan")
-        return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        return (window[-1].cpu - window[0].cpu) / (window[-1].perf - window[0].perf)
 
     def shares_between(self, start: float, end: float) -> dict[str, float]:
         """Between two `time.time()` instants (to the samples around them): the daemon's CPU
         seconds per wall second, and the share of the machine's CPUs that were busy."""
-        before = [c for c in self.clock if c[0] <= start]
-        after = [c for c in self.clock if c[0] >= end]
+        before = [c for c in self.cpu if c.wall <= start]
+        after = [c for c in self.cpu if c.wall >= end]
         if not before or not after:
             return {}
-        (t0, cpu0, busy0, all0), (t1, cpu1, busy1, all1) = before[-1], after[0]
+        a, b = before[-1], after[0]
         return {
-            "daemon_cpu": (cpu1 - cpu0) / (t1 - t0),
-            "machine_busy": (busy1 - busy0) / max(1, all1 - all0),
+            "daemon_cpu": (b.cpu - a.cpu) / (b.wall - a.wall),
+            "machine_busy": (b.busy - a.busy) / max(1, b.total - a.total),
         }
 
 
@@ -980,21 +989,21 @@ def detection_line(r: Mapping[str, Any]) -> str:
     if d is None:
         return ""
     ms = d["mass"]
-    cpu = ""
+    meanwhile = ""
     if "daemon_cpu" in ms:
-        cpu = (
+        meanwhile = (
             f" (meanwhile the daemon used {ms['daemon_cpu']:.0%} of a core and the machine's "
             f"CPUs were {ms['machine_busy']:.0%} busy)"
         )
     server = ms.get("server_at_deadline")
     if server:
-        cpu += (
+        meanwhile += (
             f"; at its first deadline the server still had {server['purge_backlog']:,.0f} "
             f"undo records to purge and {server['dirty_pages']:,.0f} dirty pages"
         )
     return (
         f"mass: all committed {ms['all_committed_after_deadline_s']:.1f} s after the earliest "
-        f"deadline{cpu}; last beats sent over {ms['last_beat_spread_s'] * 1000:.0f} ms; "
+        f"deadline{meanwhile}; last beats sent over {ms['last_beat_spread_s'] * 1000:.0f} ms; "
         f"{ms['with_mass']['n']:,} of set B stopped with the mass (one mass event to the "
         f"daemon, not counted as others; their max {ms['with_mass']['max']:.2f} s); rows "
         f"seen every {d['poll_interval_s']:g} s, the gauge every "
