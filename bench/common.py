@@ -17,6 +17,7 @@ import platform
 import random
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -317,6 +318,29 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def python_speed_ms(rounds: int = 3) -> float:
+    """Milliseconds for a fixed piece of pure-Python work (dict lookups, arithmetic, an
+    f-string: the kind of work the daemon does per account), the best of ``rounds``.
+
+    Machines of the same name differ: two 2-CPU "AMD EPYC" instances on 2026-12-05 seeded a
+    million accounts in 59-69 s and in 139-158 s, and the slower one gave the daemon's Python
+    a larger share of the slowdown than the database (docs/benchmarks.md). Printed with every
+    run of `bench.scale` so that figures from different machines can be told apart.
+    """
+    table = {str(i): i for i in range(1000)}
+    keys = list(table)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for _ in range(200):
+            for key in keys:
+                total += table.get(key, 0)
+                _ = f"{key}:{total}"
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
 
 
 async def server_version(url: str) -> str:

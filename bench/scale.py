@@ -80,6 +80,7 @@ from bench.common import (
     machine,
     percentile,
     print_table,
+    python_speed_ms,
     seed,
     server_version,
 )
@@ -211,9 +212,17 @@ class Sampler:
             return float("nan")
         return (window[-1].cpu - window[0].cpu) / (window[-1].perf - window[0].perf)
 
-    def shares_between(self, start: float, end: float) -> dict[str, float]:
+    async def shares_between(self, start: float, end: float) -> dict[str, float]:
         """Between two `time.time()` instants (to the samples around them): the daemon's CPU
-        seconds per wall second, and the share of the machine's CPUs that were busy."""
+        seconds per wall second, and the share of the machine's CPUs that were busy.
+
+        Waits for the first sample after ``end`` when there is none yet: ``end`` may be a
+        moment ago, and without that sample the figures were left out (seen on a slow machine).
+        """
+        for _ in range(4):
+            if self.cpu and self.cpu[-1].wall >= end:
+                break
+            await asyncio.sleep(self.interval)
         before = [c for c in self.cpu if c.wall <= start]
         after = [c for c in self.cpu if c.wall >= end]
         if not before or not after:
@@ -402,6 +411,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"args": vars(args), "machine": machine()}
+    report["python_ms"] = python_speed_ms()  # before anything else runs
     args.token = secrets.token_urlsafe(24)
     args.ingest_port = free_port()
     args.metrics_port = free_port()
@@ -481,7 +491,7 @@ class Run:
             if args.mass:
                 out["detect"] = await self._detection()
                 mass = out["detect"]["mass"]
-                mass.update(sampler.shares_between(*mass.pop("window")))
+                mass.update(await sampler.shares_between(*mass.pop("window")))
                 # Not steady state: 100,000 accounts just went offline at once, each with a
                 # recovery pending and a new flap-history entry. Printed, not judged.
                 out["rss_after_mass"] = proc.rss()
@@ -1071,7 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["loadavg_end"] = machine()["loadavg"]
     print()
     print(
-        f"{m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Python {m['python']}; {report['server']}; "
+        f"{m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Python {m['python']} (a fixed loop in "
+        f"{report['python_ms']:.0f} ms: `bench.common.python_speed_ms`); {report['server']}; "
         f"{args.accounts:,} accounts; seeded in {report['seed_seconds']:.0f}s; run took "
         f"{time.perf_counter() - started:.0f}s; load average {m['loadavg']} at the start, "
         f"{report['loadavg_end']} at the end"
