@@ -23,7 +23,6 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from accountd.adapters import migrate
 from accountd.adapters.db import DATABASE_KEYS, Databases
@@ -34,12 +33,13 @@ from accountd.daemon.alerts import AlertManager
 from accountd.daemon.clock import Clock, SystemClock
 from accountd.daemon.control import ControlServer
 from accountd.daemon.ingest import IngestServer, make_ingest_app
+from accountd.daemon.jobs import PeriodicJobs
 from accountd.daemon.lease import Lease, LeaseHeld, LeaseLost
 from accountd.daemon.metrics import Metrics
 from accountd.daemon.metrics_http import serve_metrics
 from accountd.daemon.monitoring import Monitoring, start_monitoring
 from accountd.daemon.notify import Notifier, Ticker, watchdog_interval
-from accountd.daemon.outage import OutageGuard, QuietLog, wait_for_databases
+from accountd.daemon.outage import OutageGuard, wait_for_databases
 from accountd.daemon.outbox import Outbox
 from accountd.daemon.policy import PolicyConfig
 from accountd.daemon.priority import AdminLane
@@ -52,7 +52,7 @@ from accountd.daemon.runtime_metrics import (
 )
 from accountd.daemon.side_loop import SideLoop
 from accountd.daemon.supervisor import Supervisor
-from accountd.errors import AccountdError, ConfigError, DatabaseUnavailable
+from accountd.errors import ConfigError, DatabaseUnavailable
 from accountd.logs import setup_logging
 from accountd.settings import (
     DeadlinesSettings,
@@ -149,9 +149,7 @@ class Daemon:
         # SIGHUP and `accountctl reload` may overlap: one reload at a time, each complete.
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
-        self._job_tasks: set[asyncio.Task[Any]] = set()
-        # Jobs failing on a database log once, then a summary now and then, not a traceback each.
-        self._job_errors = QuietLog(log)
+        self.jobs = PeriodicJobs(log)
         self.outage: OutageGuard | None = None
 
     # ---------------------------------------------------------------- control
@@ -302,7 +300,7 @@ class Daemon:
 
         scheduler = self._scheduler(sup, lease)
         scheduler.start()
-        stack.push_async_callback(self._stop_scheduler, scheduler)
+        stack.push_async_callback(self.jobs.stop, scheduler)
 
         assert s.ingest.token is not None  # require_runnable() checked it
         ingest = IngestServer(
@@ -497,56 +495,8 @@ class Daemon:
         if self.monitoring is not None:
             jobs.extend(self.monitoring.jobs())
         for fn, seconds in jobs:
-            scheduler.add_job(
-                self._guarded(fn),
-                "interval",
-                seconds=seconds,
-                id=fn.__name__,
-                name=fn.__name__,
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=max(1, int(seconds)),
-            )
+            self.jobs.add(scheduler, fn, seconds)
         return scheduler
-
-    def _guarded(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-        """Wrap a job so we own its task (awaited at shutdown) and its errors are logged once."""
-
-        async def job() -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._job_tasks.add(task)
-            name = f"job {fn.__name__}"
-            try:
-                await fn()
-            except (DatabaseUnavailable, OperationalError, DBAPIError, OSError) as exc:
-                # A database outage fails every job every few seconds: one line when it starts,
-                # a summary now and then, one when it works again (no traceback per run).
-                self._job_errors.failed(name, exc)
-            except AccountdError as exc:
-                log.warning("job %s: %s", fn.__name__, exc)
-            except asyncio.CancelledError:
-                # Only our shutdown cancels a job (after its grace); the job's work is picked
-                # up again at the next start (e.g. heartbeats are flushed by the final flush).
-                log.info("job %s cancelled at shutdown", fn.__name__)
-            except Exception:  # boundary: a failing job is logged; the next run tries again
-                log.exception("job %s failed", fn.__name__)
-            else:
-                self._job_errors.succeeded(name)
-            finally:
-                if task is not None:
-                    self._job_tasks.discard(task)
-
-        job.__name__ = fn.__name__
-        return job
-
-    async def _stop_scheduler(self, scheduler: AsyncIOScheduler) -> None:
-        scheduler.shutdown(wait=False)
-        if self._job_tasks:
-            _, pending = await asyncio.wait(set(self._job_tasks), timeout=5)
-            for task in pending:
-                log.warning("job task %s still running at shutdown; cancelling", task.get_name())
-                task.cancel()
 
 
 def changed_keys(old: Settings, new: Settings) -> list[str]:
