@@ -29,6 +29,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two worker processes (pytest-xdist): the suite mostly waits on real processes, sockets and
+# timers. In one process it kept a 2-CPU machine 42 % busy and took 15 minutes there; in two,
+# 7.5 minutes (docs/benchmarks.md). `make test PYTEST_ARGS=` runs it in one process.
+PYTEST_ARGS ?= -n 2
+
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
