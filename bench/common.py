@@ -325,9 +325,9 @@ def python_speed_ms(rounds: int = 3) -> float:
     f-string: the kind of work the daemon does per account), the best of ``rounds``.
 
     Machines of the same name differ: two 2-CPU "AMD EPYC" instances on 2026-12-05 seeded a
-    million accounts in 59-69 s and in 139-158 s, and the slower one gave the daemon's Python
-    a larger share of the slowdown than the database (docs/benchmarks.md). Printed with every
-    run of `bench.scale` so that figures from different machines can be told apart.
+    million accounts in 59-69 s and in 139-158 s, and on the slower one the daemon's Python
+    lost more of its speed than the database did (docs/benchmarks.md). Printed with every run
+    of `bench.scale` so that figures from different machines can be told apart.
     """
     table = {str(i): i for i in range(1000)}
     keys = list(table)
