@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -38,11 +39,9 @@ class PeriodicJobs:
 
     def __init__(self, logger: logging.Logger = log) -> None:
         self._log = logger
-        self._tasks: dict[asyncio.Task[Any], str] = {}  # runs in progress → their job's name
         # Jobs failing on a database log once, then a summary now and then, not a traceback each.
         self._errors = QuietLog(logger)
-        # name → ticks that found the job's previous run still going.
-        self._running: dict[str, int] = {}
+        self._runs: dict[str, _Run] = {}  # job name → its run in progress
 
     def add(self, scheduler: AsyncIOScheduler, fn: Job, seconds: float) -> None:
         """Run ``fn`` every ``seconds`` (the job is named after the function)."""
@@ -62,20 +61,18 @@ class PeriodicJobs:
     @property
     def running(self) -> int:
         """Runs in progress."""
-        return len(self._tasks)
+        return len(self._runs)
 
     def wrap(self, fn: Job, seconds: float) -> Job:
         """``fn`` as a job: owned, its errors logged, never run twice at once."""
         name = fn.__name__
 
         async def job() -> None:
-            if name in self._running:
-                self._running[name] += 1  # the previous run is still going: skip this tick
+            run = self._runs.get(name)
+            if run is not None:
+                run.skipped += 1  # the previous run is still going: skip this tick
                 return
-            self._running[name] = 0
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks[task] = name
+            run = self._runs[name] = _Run(asyncio.current_task())
             started = time.monotonic()
             try:
                 await fn()
@@ -94,16 +91,14 @@ class PeriodicJobs:
             else:
                 self._errors.succeeded(f"job {name}")
             finally:
-                skipped = self._running.pop(name)
-                if task is not None:
-                    self._tasks.pop(task, None)
-                if skipped:
+                del self._runs[name]
+                if run.skipped:
                     self._log.info(
                         "job %s ran %.1fs, longer than its %gs interval (%d ticks skipped)",
                         name,
                         time.monotonic() - started,
                         seconds,
-                        skipped,
+                        run.skipped,
                     )
 
         job.__name__ = name
@@ -116,17 +111,28 @@ class PeriodicJobs:
         asyncio executor cannot wait), which would give a flush halfway through no grace.
         """
         scheduler.pause()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        running = self._tasks()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 self._log.warning(
-                    "job %s still running %gs into shutdown; cancelling",
-                    self._tasks.get(task, "?"),
-                    grace,
+                    "job %s still running %gs into shutdown; cancelling", running[task], grace
                 )
         scheduler.shutdown(wait=False)  # cancels what is still running
         # AsyncIOScheduler runs `shutdown` on the loop's next turn (call_soon_threadsafe).
         await asyncio.sleep(0)
-        if self._tasks:
+        if left := self._tasks():
             # Bounded: a cancelled run only logs on its way out (the job's wrapper).
-            await asyncio.wait(set(self._tasks), timeout=1.0)
+            await asyncio.wait(left, timeout=1.0)
+
+    def _tasks(self) -> dict[asyncio.Task[Any], str]:
+        """The tasks of the runs in progress, and their jobs' names."""
+        return {run.task: name for name, run in self._runs.items() if run.task is not None}
+
+
+@dataclass(slots=True)
+class _Run:
+    """A job's run in progress, and the ticks that found it still going."""
+
+    task: asyncio.Task[Any] | None
+    skipped: int = 0
